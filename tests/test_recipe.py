@@ -1,0 +1,67 @@
+"""Recipe validation: unknown keys, types, the base level, overrides and the hash."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpcrepro.errors import UserError
+from tpcrepro.recipe import load_recipe, parse_override
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "r.yaml", "profile: smoke\ntrain:\n  lr: 1e-3\n  epohcs: 3\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(str(p))
+    assert "train.epohcs" in str(e.value) and "r.yaml" in str(e.value)
+
+
+def test_wrong_type_is_an_error(tmp_path):
+    p = write(tmp_path, "r.yaml", "profile: smoke\ntrain:\n  epochs: ten\n")
+    with pytest.raises(UserError, match="train.epochs"):
+        load_recipe(str(p))
+
+
+def test_bad_profile_and_job_kind(tmp_path):
+    with pytest.raises(UserError, match="profile"):
+        load_recipe(str(write(tmp_path, "a.yaml", "profile: huge\n")))
+    with pytest.raises(UserError, match="jobs"):
+        load_recipe(str(write(tmp_path, "b.yaml", "profile: smoke\njobs: [train, dance]\n")))
+
+
+def test_one_base_level(tmp_path):
+    write(tmp_path, "base.yaml", "profile: smoke\ntrain: {lr: 0.5, epochs: 7}\n")
+    child = load_recipe(str(write(tmp_path, "child.yaml", "base: base.yaml\ntrain: {lr: 0.25}\n")))
+    assert child.train.lr == 0.25 and child.train.epochs == 7
+    write(tmp_path, "deep.yaml", "base: base.yaml\n")
+    with pytest.raises(UserError, match="one base level"):
+        load_recipe(str(write(tmp_path, "deeper.yaml", "base: deep.yaml\n")))
+
+
+def test_overrides_are_applied_kept_and_hashed():
+    plain = load_recipe("smoke/vit")
+    over = load_recipe("smoke/vit", ["train.lr=1e-3", "data.aug.translate=0"])
+    assert over.train.lr == 1e-3 and over.data.aug.translate == 0
+    assert over.overrides == ("train.lr=1e-3", "data.aug.translate=0")
+    assert over.hash != plain.hash
+    assert load_recipe("smoke/vit").hash == plain.hash  # stable
+    with pytest.raises(UserError, match="train.nope"):
+        load_recipe("smoke/vit", ["train.nope=1"])
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=null") == (["a"], None)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    with pytest.raises(UserError):
+        parse_override("novalue")
+
+
+def test_missing_recipe_is_a_clear_error():
+    with pytest.raises(UserError, match="does not exist"):
+        load_recipe("smoke/nope")

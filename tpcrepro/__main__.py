@@ -1,0 +1,3 @@
+from tpcrepro.cli import main
+
+main()

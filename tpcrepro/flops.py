@@ -1,0 +1,122 @@
+"""MACs: fvcore for models of fixed shape, and an exact analytic counter for adaptive ones.
+
+fvcore counts one multiply-add as one flop, which is what the literature's
+"GFLOPs" are; we store that integer as `macs`. fvcore has no handler for
+`aten::scaled_dot_product_attention`, so fused attention is switched off
+before counting. Adaptive models compute a different number of tokens per
+image and layer: their MACs come from the analytic counter on the per-image,
+per-layer counts, averaged over images (averaging the counts first would be
+wrong: attention is quadratic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+
+def fused_attn_off(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fvcore_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """fvcore's count for one input of `input_shape` ([C, H, W]), fused attention off."""
+    import warnings
+
+    from fvcore.nn import FlopCountAnalysis
+
+    model = fused_attn_off(model).eval()
+    x = torch.zeros(1, *input_shape)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore's use of torch.jit
+        fca = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return int(fca.total())
+
+
+# ---------------------------------------------------------------- analytic counter
+
+@dataclass(frozen=True)
+class ViTDims:
+    """What the MACs of a plain ViT/DeiT depend on."""
+
+    embed_dim: int
+    mlp_hidden: int
+    depth: int
+    num_patches: int
+    patch_dim: int  # in_chans * patch_h * patch_w
+    num_classes: int
+
+    @classmethod
+    def of(cls, vit: nn.Module) -> "ViTDims":
+        pe = vit.patch_embed
+        kh, kw = pe.proj.kernel_size
+        return cls(
+            embed_dim=vit.embed_dim, mlp_hidden=vit.blocks[0].mlp.fc1.out_features, depth=len(vit.blocks),
+            num_patches=pe.num_patches, patch_dim=pe.proj.in_channels * kh * kw,
+            num_classes=vit.head.out_features if isinstance(vit.head, nn.Linear) else 0,
+        )
+
+
+def block_macs(n_q, n_kv, dim: int, mlp_hidden: int, kappa: Optional[int] = None):
+    """One pre-norm ViT block with n_q tokens computed (queries) and n_kv keys/values.
+
+    norm1 runs on every token that enters attention (5 MACs per element, as
+    fvcore counts LayerNorm); q on the queries, k and v on the keys; QKᵀ is
+    n_q·n_kv·C; A·V uses min(κ, n_kv) keys per query (Eq. 18: sparse); the
+    projection, norm2 and MLP run on the queries only. The top-κ ranking is
+    comparisons, not MACs. With n_q = n_kv = N and κ off this is fvcore's
+    (4 + 2r)·N·C² + 2·N²·C + 10·N·C. Counts may be ints or integer tensors.
+    """
+    c = dim
+    if kappa is None:
+        keys_used = n_kv
+    else:
+        keys_used = n_kv.clamp(max=kappa) if torch.is_tensor(n_kv) else min(kappa, n_kv)
+    return (
+        5 * n_kv * c
+        + n_q * c * c + 2 * n_kv * c * c
+        + n_q * n_kv * c + n_q * keys_used * c
+        + n_q * c * c
+        + 5 * n_q * c
+        + 2 * n_q * c * mlp_hidden
+    )
+
+
+def vit_macs(dims: ViTDims, n_q: Sequence[int], n_kv: Optional[Sequence[int]] = None,
+             kappa: Optional[int] = None, n_final: Optional[int] = None) -> int:
+    """MACs of one image through a ViT that computes n_q[l] tokens at block l.
+
+    n_kv[l] defaults to n_q[l]; n_final (tokens through the final norm)
+    defaults to n_q[-1]. Patch embedding, final LayerNorm and head included.
+    """
+    if len(n_q) != dims.depth:
+        raise ValueError(f"need {dims.depth} per-layer counts, got {len(n_q)}")
+    n_kv = n_q if n_kv is None else n_kv
+    c = dims.embed_dim
+    total = dims.num_patches * dims.patch_dim * c
+    total += sum(block_macs(q, kv, c, dims.mlp_hidden, kappa) for q, kv in zip(n_q, n_kv))
+    total += 5 * (n_q[-1] if n_final is None else n_final) * c
+    total += c * dims.num_classes
+    return total
+
+
+def mean_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Tensor] = None,
+                  kappa: Optional[int] = None, n_final: Optional[torch.Tensor] = None) -> float:
+    """Mean over images of each image's own MACs; n_q, n_kv: [B, L] integer counts, n_final: [B]."""
+    n_q = n_q.long()
+    n_kv = n_q if n_kv is None else n_kv.long()
+    n_final = n_q[:, -1] if n_final is None else n_final.long()
+    c = dims.embed_dim
+    per_layer = block_macs(n_q, n_kv, c, dims.mlp_hidden, kappa)
+    per_image = per_layer.sum(1) + dims.num_patches * dims.patch_dim * c + 5 * n_final * c + c * dims.num_classes
+    return per_image.double().mean().item()

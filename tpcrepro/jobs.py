@@ -1,0 +1,98 @@
+"""One job = one (recipe, kind, seed): train (or evaluate), flops or throughput -> one record.
+
+This is what `tpcrepro job` runs, in this process or under torchrun.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from tpcrepro import distributed, flops, paths, records, speed, weights
+from tpcrepro.errors import UserError
+from tpcrepro.progress import log
+from tpcrepro.recipe import Recipe
+
+
+def run_dir_for(recipe: Recipe, seed: int) -> Path:
+    """runs/<recipe id>/<recipe hash>/s<seed>: a changed recipe gets a fresh directory."""
+    return paths.runs_dir() / recipe.id / recipe.hash / f"s{seed}"
+
+
+def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[str], run_dir: Path,
+           hook=None) -> tuple[dict, dict]:
+    from tpcrepro.train import Fit
+
+    import torch
+
+    torch.manual_seed(seed)  # the same seed initialises the same weights on every rank
+    model = weights.create(recipe.model)
+    fit = Fit(recipe, model, run_dir, d, data_root, seed)
+    metrics = fit.run(hook)
+    settings = {"world_size": d.world, "batch_size": recipe.train.batch_size, "epochs": recipe.train.epochs,
+                "run_dir": str(run_dir), "data": recipe.data.dataset}
+    return metrics, settings
+
+
+def _flops(recipe: Recipe) -> tuple[dict, dict]:
+    m = recipe.model
+    model = weights.create(m.__class__(**{**m.__dict__, "pretrained": None}))  # weights do not change MACs
+    shape = (m.in_chans, m.img_size, m.img_size)
+    metrics = {"params": flops.count_params(model), "macs": flops.fvcore_macs(model, shape)}
+    return metrics, {"counter": "fvcore", "fused_attn": False, "input_shape": list(shape), "batch": 1}
+
+
+def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:
+    t, m = recipe.throughput, recipe.model
+    p = speed.Protocol(batch_size=t.batch_size, precision=t.precision, warmup=t.warmup, steps=t.steps,
+                       repeats=t.repeats, device=device)
+    model = weights.create(m.__class__(**{**m.__dict__, "pretrained": None}))
+    res = speed.compare({m.name: model}, (m.in_chans, m.img_size, m.img_size), p)[m.name]
+    return {"images_per_sec": res["images_per_sec"], "latency_ms": res["latency_ms"]}, speed.settings(p)
+
+
+def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] = None,
+            run_dir: Optional[Path] = None, device: Optional[str] = None, force: bool = False,
+            hook=None) -> Optional[records.Record]:
+    """Run one job and write its record (rank 0). A failure writes a 'failed' record, then raises."""
+    d = distributed.init(device)
+    run_dir = Path(run_dir) if run_dir else run_dir_for(recipe, seed)
+    if force and d.main and run_dir.exists() and kind == "train":
+        shutil.rmtree(run_dir)
+    distributed.barrier(d)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started, t0 = records.now_iso(), time.perf_counter()
+    status, error, metrics, settings = "done", None, {}, {}
+    try:
+        if kind == "train":
+            metrics, settings = _train(recipe, seed, d, data_root, run_dir, hook)
+        elif kind == "flops":
+            metrics, settings = _flops(recipe)
+        elif kind == "throughput":
+            metrics, settings = _throughput(recipe, d.device)
+        else:
+            raise UserError(f"unknown job kind '{kind}' (train, flops, throughput)")
+    except UserError as e:
+        status, error = "failed", str(e)
+    except Exception as e:  # anything else: keep the traceback beside the run, say where it is
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        (run_dir / f"{kind}_error.log").write_text(traceback.format_exc())
+        error += f" (traceback in {run_dir / f'{kind}_error.log'})"
+    if not d.main:
+        if error:
+            raise UserError(error)
+        return None
+    rec = records.Record(
+        recipe=recipe.id, recipe_hash=recipe.hash, profile=recipe.profile, kind=kind, seed=seed, status=status,
+        metrics=metrics, settings=settings, overrides=list(recipe.overrides),
+        environment=records.environment(d.device), started_at=started,
+        duration_s=round(time.perf_counter() - t0, 3), error=error,
+    )
+    path = records.write_record(rec)
+    if status == "failed":
+        raise UserError(f"{recipe.id} {kind} failed: {error}")
+    log(f"[green]done[/] {recipe.id} {kind} seed {seed} -> {path.relative_to(paths.ROOT) if path.is_relative_to(paths.ROOT) else path}")
+    return rec

@@ -1,0 +1,36 @@
+"""The small ViT of the smoke profile, registered with timm.
+
+Digits upsampled to 16x16, patch 2: 64 patches + CLS, width 64, depth 8,
+4 heads, MLP ratio 4 (about 30 M MACs per image). The position embedding
+starts from 2-D sin-cos values (then learned): with timm's default 0.02-std
+initialisation a ViT this small on 1437 images learns positions too slowly
+(measured: 64 % after 10 epochs against 93 % with sin-cos).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+SMOKE_VIT = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=4, mlp_ratio=4.0)
+
+
+def sincos_init_(vit: VisionTransformer) -> VisionTransformer:
+    """Set the patch positions of a learned position embedding to 2-D sin-cos values (prefix tokens: 0)."""
+    grid = list(vit.patch_embed.grid_size)
+    pe = build_sincos2d_pos_embed(grid, dim=vit.embed_dim)
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        vit.pos_embed[0, vit.num_prefix_tokens:] = pe
+    return vit
+
+
+@register_model
+def vit_smoke_patch2_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT for 16x16 single-channel images (the smoke profile's backbone)."""
+    if pretrained:
+        raise ValueError("vit_smoke_patch2_16 has no published weights; train it with `tpcrepro run smoke/vit`")
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
+    return sincos_init_(VisionTransformer(**{**SMOKE_VIT, **kwargs}))

@@ -1,0 +1,281 @@
+"""Recipes: YAML files validated into frozen dataclasses.
+
+A recipe may name one `base:` file (which may not name another). Unknown or
+mistyped keys are errors naming the key and the file. `--set a.b=v` overrides
+are applied after the base merge and are part of the recipe's hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from tpcrepro import paths
+from tpcrepro.errors import UserError
+
+PROFILES = ("smoke", "paper")
+JOB_KINDS = ("train", "flops", "throughput")
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    name: str = "deit_small_patch16_224"
+    pretrained: Optional[str] = None  # null | "hub" | path to a checkpoint file ($VARS expanded)
+    num_classes: int = 1000
+    img_size: int = 224
+    in_chans: int = 3
+    drop_path: float = 0.0
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass(frozen=True)
+class AugCfg:
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.3
+    hflip: float = 0.5
+    re_prob: float = 0.25
+    re_mode: str = "pixel"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    switch_prob: float = 0.5
+    smoothing: float = 0.1
+    repeated_aug: bool = False
+    translate: int = 0  # random shift in pixels (small images only)
+
+
+@dataclass(frozen=True)
+class DataCfg:
+    dataset: str = "imagenet"  # imagenet | folder | digits
+    root: Optional[str] = None  # ImageFolder root with train/ and val/; else $TPCREPRO_DATA
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    workers: int = 8
+    subset_train: Optional[int] = None  # use only the first N training images (a fixed sample)
+    subset_val: Optional[int] = None
+    aug: AugCfg = field(default_factory=AugCfg)
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    epochs: int = 300  # 0 = evaluate the initial weights only
+    batch_size: int = 1024  # global, split over processes
+    optimizer: str = "adamw"  # adamw | adam
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: Optional[float] = None
+    amp: bool = True  # autocast on CUDA only
+    amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 adds a gradient scaler)
+    ema: bool = False
+    ema_decay: float = 0.99996
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ThroughputCfg:
+    batch_size: int = 256
+    precision: str = "bf16"  # bf16 | fp32
+    warmup: int = 10
+    steps: int = 30
+    repeats: int = 5
+
+
+@dataclass(frozen=True)
+class Recipe:
+    profile: str
+    description: str = ""
+    seed: int = 0
+    jobs: tuple = ("train", "flops")
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
+    # Filled by the loader, not by YAML.
+    id: str = ""
+    overrides: tuple = ()
+
+    @property
+    def hash(self) -> str:
+        return recipe_hash(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Hash of everything that changes a number (not the description)."""
+    d = recipe.to_dict()
+    for key in ("description", "id", "overrides", "seed"):
+        d.pop(key)
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- loading
+
+def recipe_path(recipe_id: str) -> Path:
+    p = Path(recipe_id)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p.resolve()
+    return paths.recipes_dir() / f"{recipe_id}.yaml"
+
+
+def recipe_id_of(path: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(paths.recipes_dir().resolve())
+        return str(rel.with_suffix(""))
+    except ValueError:
+        return str(path.with_suffix(""))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"recipe file {path} does not exist; see `tpcrepro recipes` for the available ids")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of recipe keys")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like section.key=value, e.g. train.lr=1e-3")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def _apply_override(data: dict, keys: list[str], value: Any) -> dict:
+    out = dict(data)
+    node = out
+    for k in keys[:-1]:
+        node[k] = dict(node.get(k) or {})
+        node = node[k]
+    node[keys[-1]] = value
+    return out
+
+
+def load_recipe(recipe_id: str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    path = recipe_path(recipe_id)
+    data = _read_yaml(path)
+    base_name = data.pop("base", None)
+    if base_name is not None:
+        base_path = (path.parent / base_name) if not Path(base_name).is_absolute() else Path(base_name)
+        if not base_path.exists():
+            base_path = paths.recipes_dir() / base_name
+        base = _read_yaml(base_path)
+        if "base" in base:
+            raise UserError(f"{base_path} names a base of its own; recipes allow one base level")
+        data = deep_merge(base, data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        data = _apply_override(data, keys, value)
+    recipe = build(Recipe, data, str(path), prefix="")
+    return dataclasses.replace(recipe, id=recipe_id_of(path), overrides=tuple(overrides))
+
+
+# ---------------------------------------------------------------- validation
+
+def _check_scalar(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_scalar(args[0], value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise UserError(f"{where} must be {name}, got {value!r}")
+
+
+def build(cls: type, data: dict, source: str, prefix: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: '{prefix.rstrip('.')}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("id", "overrides")}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise UserError(f"{source}: unknown recipe key '{key}' (valid here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        where = f"{source}: '{prefix}{name}'"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value or {}, source, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_scalar(tp, value, where)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:
+        raise UserError(f"{source}: {e}") from None
+    _validate(obj, source)
+    return obj
+
+
+def _validate(obj: Any, source: str) -> None:
+    if isinstance(obj, Recipe):
+        if obj.profile not in PROFILES:
+            raise UserError(f"{source}: 'profile' must be one of {PROFILES}, got {obj.profile!r}")
+        bad = [j for j in obj.jobs if j not in JOB_KINDS]
+        if bad:
+            raise UserError(f"{source}: 'jobs' has unknown kind {bad[0]!r} (valid: {', '.join(JOB_KINDS)})")
+    if isinstance(obj, DataCfg) and obj.dataset not in ("imagenet", "folder", "digits"):
+        raise UserError(f"{source}: 'data.dataset' must be imagenet, folder or digits, got {obj.dataset!r}")
+    if isinstance(obj, TrainCfg) and obj.optimizer not in ("adam", "adamw"):
+        raise UserError(f"{source}: 'train.optimizer' must be adam or adamw, got {obj.optimizer!r}")
+    if isinstance(obj, TrainCfg) and obj.amp_dtype not in ("bf16", "fp16"):
+        raise UserError(f"{source}: 'train.amp_dtype' must be bf16 or fp16, got {obj.amp_dtype!r}")
+    if isinstance(obj, ThroughputCfg) and obj.precision not in ("bf16", "fp32"):
+        raise UserError(f"{source}: 'throughput.precision' must be bf16 or fp32, got {obj.precision!r}")
+
+
+def list_recipes() -> list[str]:
+    root = paths.recipes_dir()
+    return sorted(
+        recipe_id_of(p) for p in root.rglob("*.yaml") if not p.relative_to(root).parts[0].startswith("_")
+    )

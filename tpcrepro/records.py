@@ -1,0 +1,155 @@
+"""Run records: one flat JSON file per measurement, written atomically.
+
+Records are append-only: a rerun writes a new file and the newest valid one
+for a (recipe, profile, kind, seed) key wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from tpcrepro import __version__, paths
+
+SCHEMA_VERSION = 1
+STATUSES = ("done", "failed")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory and rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=paths.ROOT, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: str = "cpu") -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def environment(device: str = "cpu") -> dict:
+    import timm
+    import torch
+
+    return {
+        "git_commit": git_commit(),
+        "tpcrepro": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "device_name": device_name(device),
+        "hostname": platform.node(),
+    }
+
+
+@dataclass(frozen=True)
+class Record:
+    recipe: str
+    recipe_hash: str
+    profile: str
+    kind: str
+    seed: int
+    status: str
+    metrics: dict
+    settings: dict
+    overrides: list
+    environment: dict
+    started_at: str
+    duration_s: float
+    error: str | None = None
+    schema: int = SCHEMA_VERSION
+    path: str | None = None  # where it was read from; not stored
+
+    def key(self) -> tuple:
+        return (self.recipe, self.profile, self.kind, self.seed)
+
+    def to_json(self) -> str:
+        d = {k: v for k, v in self.__dict__.items() if k != "path"}
+        return json.dumps(d, indent=1, sort_keys=True, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+
+
+def write_record(record: Record, directory: Path | None = None) -> Path:
+    directory = directory or paths.records_dir()
+    stamp = record.started_at.replace(":", "").replace("-", "")
+    name = f"{record.recipe.replace('/', '__')}__{record.kind}__s{record.seed}__{stamp}.json"
+    path = directory / name
+    n = 1
+    while path.exists():
+        path = directory / name.replace(".json", f"_{n}.json")
+        n += 1
+    atomic_write_text(path, record.to_json() + "\n")
+    return path
+
+
+def load_records(directory: Path | None = None) -> list[Record]:
+    directory = directory or paths.records_dir()
+    out = []
+    for p in sorted(directory.glob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+            d = {k: v for k, v in d.items() if k in Record.__dataclass_fields__}
+            out.append(Record(**{**d, "path": str(p)}))
+        except (json.JSONDecodeError, TypeError):
+            continue  # a foreign or damaged file is not a record
+    return out
+
+
+def latest(records: Iterable[Record], only_done: bool = True) -> dict[tuple, Record]:
+    """Newest record per (recipe, profile, kind, seed); by default only successful ones."""
+    best: dict[tuple, Record] = {}
+    for r in records:
+        if only_done and r.status != "done":
+            continue
+        k = r.key()
+        if k not in best or (r.started_at, r.path or "") > (best[k].started_at, best[k].path or ""):
+            best[k] = r
+    return best

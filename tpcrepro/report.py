@@ -1,0 +1,169 @@
+"""Records + TableSpec -> pandas -> results/tables/<id>.md.
+
+Two sections per table, never mixed: the paper's ImageNet-1K numbers beside
+ours from the `paper` profile (with the difference), and our `smoke`-profile
+numbers (digits, small ViT) in columns of their own, with the spread over
+seeds. Every number of ours names the recipe, its hash, seeds and commit.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from tpcrepro import paths, records, tables
+from tpcrepro.recipe import load_recipe
+
+# table column key -> (record kind, metric, scale)
+METRIC_OF = {
+    "top1": ("train", "top1", 1.0),
+    "top5": ("train", "top5", 1.0),
+    "params_m": ("flops", "params", 1e-6),
+    "gmacs": ("flops", "macs", 1e-9),
+    "images_per_sec": ("throughput", "images_per_sec", 1.0),
+}
+SMOKE_SCALE = {"gmacs": ("MACs (M)", 1e-6), "params_m": ("Params (M)", 1e-6)}
+SMOKE_NOTE = ("scikit-learn digits upsampled to 16×16, a ViT of width 64 and depth 8 trained on the CPU; "
+              "these numbers check the pipeline and compare methods at small scale. They are not ImageNet results.")
+
+
+@dataclass(frozen=True)
+class Ours:
+    """Our numbers for one recipe and profile, aggregated over seeds."""
+
+    values: dict  # column key -> list of floats (one per seed for train metrics)
+    source: str
+    stale: bool
+
+
+def _fmt_hash_commit(recs: list[records.Record]) -> str:
+    commits = sorted({r.environment.get("git_commit") or "?" for r in recs})
+    return f"@{recs[0].recipe_hash} (git {','.join(commits)})"
+
+
+def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
+    recipe = load_recipe(recipe_id)
+    mine = [r for k, r in sorted(latest.items(), key=lambda kv: str(kv[0])) if k[0] == recipe_id and k[1] == profile]
+    if not mine:
+        return None
+    values: dict[str, list[float]] = {}
+    for key, (kind, metric, scale) in METRIC_OF.items():
+        vals = [r.metrics[metric] * scale for r in mine if r.kind == kind and metric in r.metrics]
+        if vals:
+            values[key] = vals
+    seeds = sorted({r.seed for r in mine if r.kind == "train"})
+    seed_txt = f" seeds {','.join(map(str, seeds))}" if seeds else ""
+    return Ours(values=values, source=f"`{recipe_id}`{seed_txt} {_fmt_hash_commit(mine)}",
+                stale=any(r.recipe_hash != recipe.hash for r in mine))
+
+
+def fmt(vals: Optional[list], digits: int = 1) -> str:
+    if not vals:
+        return "—"
+    mean = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _paper_value(v) -> str:
+    return "—" if v is None else str(v)
+
+
+def paper_frame(spec: tables.TableSpec, latest: dict) -> tuple[pd.DataFrame, bool]:
+    """The paper's numbers; with paper-profile records, ours and the difference beside them."""
+    have_ours = False
+    rows = []
+    for row in spec.rows:
+        ours = collect(row.recipes["paper"], "paper", latest) if "paper" in row.recipes else None
+        have_ours |= ours is not None
+        rows.append((row, ours))
+    out = []
+    for row, ours in rows:
+        line = {"Model": row.label}
+        for col in spec.columns:
+            line[f"{col.header}"] = _paper_value(row.paper[col.key])
+            if have_ours and col.key in METRIC_OF:
+                vals = ours.values.get(col.key) if ours else None
+                line[f"{col.header} (ours)"] = fmt(vals, 2 if col.key in ("gmacs",) else 1)
+                p = row.paper[col.key]
+                line[f"Δ {col.header}"] = f"{statistics.fmean(vals) - p:+.2f}" if vals and p is not None else ""
+        if have_ours:
+            line["Source (ours)"] = _source(row, ours, "paper")
+        out.append(line)
+    return pd.DataFrame(out), have_ours
+
+
+def _source(row: tables.Row, ours: Optional[Ours], profile: str) -> str:
+    if row.quoted:
+        return "quoted from the paper (not implemented)"
+    if profile not in row.recipes:
+        return "no recipe yet"
+    if ours is None:
+        return f"not run (`{row.recipes[profile]}`)"
+    return ours.source + (" **stale: recipe changed since**" if ours.stale else "")
+
+
+def smoke_frame(spec: tables.TableSpec, latest: dict) -> Optional[pd.DataFrame]:
+    """Our smoke-profile numbers, in columns of their own, with the MACs ratio to the table's baseline."""
+    runnable = [r for r in spec.rows if "smoke" in r.recipes]
+    if not runnable:
+        return None
+    base = spec.row(spec.baseline) if spec.baseline else None
+    base_ours = collect(base.recipes["smoke"], "smoke", latest) if base and "smoke" in base.recipes else None
+    base_macs = statistics.fmean(base_ours.values["gmacs"]) if base_ours and "gmacs" in base_ours.values else None
+    out = []
+    for row in runnable:
+        ours = collect(row.recipes["smoke"], "smoke", latest)
+        vals = ours.values if ours else {}
+        line = {"Model (paper's label)": row.label}
+        for col in spec.columns:
+            if col.key not in METRIC_OF:
+                continue
+            header, scale = SMOKE_SCALE.get(col.key, (col.header, None))
+            v = vals.get(col.key)
+            if scale and v:
+                v = [x / METRIC_OF[col.key][2] * scale for x in v]
+            line[f"{header}, smoke"] = fmt(v, 2 if col.key in ("gmacs", "params_m") else 1)
+        if base_macs and "gmacs" in vals:
+            line["MACs ÷ baseline"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}"
+        line["Source"] = _source(row, ours, "smoke")
+        out.append(line)
+    return pd.DataFrame(out)
+
+
+def render(spec: tables.TableSpec, latest: dict) -> str:
+    num = spec.id.removeprefix("table")
+    lines = [f"<!-- generated by `tpcrepro report` from results/records and {Path(spec.path).name}; do not edit -->",
+             f"# Table {num}: {spec.title}", ""]
+    paper_df, have_ours = paper_frame(spec, latest)
+    lines += ["## ImageNet-1K: the paper" + (" and our `paper`-profile runs" if have_ours else ""), ""]
+    lines += [paper_df.to_markdown(index=False), ""]
+    if not have_ours:
+        lines += [f"No `paper`-profile run recorded yet: `tpcrepro run {spec.id} --profile paper --data /path/to/imagenet`.", ""]
+    notes = [f"- {r.label}: {r.note}" for r in spec.rows if r.note and not r.quoted]
+    quoted = [r.label for r in spec.rows if r.quoted]
+    if quoted:
+        notes.append(f"- Quoted from the paper, not implemented in tpcrepro: {', '.join(quoted)}.")
+    if notes:
+        lines += ["Notes:", *notes, ""]
+    smoke = smoke_frame(spec, latest)
+    if smoke is not None:
+        lines += ["## Our runs at smoke scale (profile `smoke`)", "", f"{SMOKE_NOTE} Mean ± standard deviation over seeds.",
+                  "", smoke.to_markdown(index=False), ""]
+    return "\n".join(lines)
+
+
+def write_all(out_dir: Optional[Path] = None, table_ids: Optional[list[str]] = None) -> list[Path]:
+    out_dir = out_dir or paths.results_dir() / "tables"
+    latest = records.latest(records.load_records())
+    written = []
+    for tid in table_ids or tables.list_tables():
+        path = out_dir / f"{tid}.md"
+        records.atomic_write_text(path, render(tables.load_table(tid), latest))
+        written.append(path)
+    return written

@@ -1,0 +1,159 @@
+"""Plan the jobs a table (or recipe) needs, skip the done ones, launch the rest.
+
+Training jobs on several processes go through torchrun (one machine with
+--nproc-per-node, several with torchrun's rendezvous options); everything
+else runs in this process.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tpcrepro import records, tables
+from tpcrepro.errors import UserError
+from tpcrepro.progress import log
+from tpcrepro.recipe import Recipe, list_recipes, load_recipe, recipe_path
+
+SEED_FREE_KINDS = ("flops", "throughput")  # measured once, not per seed
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe: Recipe
+    kind: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.recipe.id} {self.kind}" + ("" if self.kind in SEED_FREE_KINDS else f" seed {self.seed}")
+
+
+@dataclass(frozen=True)
+class Launch:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: Optional[int] = None
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: Optional[str] = None
+    data: Optional[str] = None
+    device: Optional[str] = None
+    extra: tuple = field(default_factory=tuple)
+
+
+def target_recipes(target: str, profile: str, overrides: tuple = ()) -> list[Recipe]:
+    """The recipes a table needs for a profile, or the one recipe named; 'all' = every table."""
+    if target == "all":
+        ids = []
+        for t in tables.list_tables():
+            ids += [i for i in _table_recipe_ids(t, profile) if i not in ids]
+    elif target in tables.list_tables():
+        ids = _table_recipe_ids(target, profile)
+    elif recipe_path(target).exists():
+        ids = [target]
+    else:
+        raise UserError(f"'{target}' is neither a table ({', '.join(tables.list_tables())}) nor a recipe id "
+                        "(`tpcrepro recipes` lists them)")
+    out = [load_recipe(i, overrides) for i in ids]
+    wrong = [r.id for r in out if r.profile != profile]
+    if wrong:
+        raise UserError(f"recipe {wrong[0]} is of profile '{load_recipe(wrong[0]).profile}', not '{profile}'; "
+                        f"pass --profile {load_recipe(wrong[0]).profile}")
+    return out
+
+
+def _table_recipe_ids(table_id: str, profile: str) -> list[str]:
+    ids: list[str] = []
+    for row in tables.load_table(table_id).rows:
+        rid = row.recipes.get(profile)
+        if rid and rid not in ids:
+            ids.append(rid)
+    return ids
+
+
+def plan(recipes: list[Recipe], seeds: list[int]) -> list[Job]:
+    return [Job(r, kind, s) for r in recipes for kind in r.jobs for s in (seeds[:1] if kind in SEED_FREE_KINDS else seeds)]
+
+
+def job_status(job: Job, latest_any: dict, latest_done: dict) -> str:
+    """done | stale (done for another recipe version) | failed | missing."""
+    key = (job.recipe.id, job.recipe.profile, job.kind, job.seed)
+    done = latest_done.get(key)
+    if done is not None:
+        return "done" if done.recipe_hash == job.recipe.hash else "stale"
+    last = latest_any.get(key)
+    return "failed" if last is not None and last.status == "failed" else "missing"
+
+
+def statuses(jobs: list[Job]) -> list[tuple[Job, str]]:
+    recs = records.load_records()
+    any_, done = records.latest(recs, only_done=False), records.latest(recs)
+    return [(j, job_status(j, any_, done)) for j in jobs]
+
+
+def job_command(job: Job, launch: Launch, force: bool = False) -> list[str]:
+    """The command line that runs one job: `tpcrepro job ...`, under torchrun when it spans processes."""
+    args = ["job", job.recipe.id, "--kind", job.kind, "--seed", str(job.seed)] + (["--force"] if force else [])
+    for o in job.recipe.overrides:
+        args += ["--set", o]
+    if launch.data:
+        args += ["--data", launch.data]
+    if launch.device:
+        args += ["--device", launch.device]
+    if job.kind != "train" or (launch.nproc_per_node == 1 and launch.nnodes == 1):
+        return ["tpcrepro", *args]
+    run = ["torchrun", f"--nproc-per-node={launch.nproc_per_node}"]
+    if launch.nnodes > 1:
+        run += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}"]
+        run += [f"--rdzv-id={launch.rdzv_id or job.recipe.id.replace('/', '_')}"]
+        if launch.node_rank is not None:
+            run += [f"--node-rank={launch.node_rank}"]
+    return [*run, *launch.extra, "-m", "tpcrepro", *args]
+
+
+def execute(job: Job, launch: Launch, force: bool = False) -> None:
+    cmd = job_command(job, launch, force)
+    if cmd[0] == "tpcrepro":
+        from tpcrepro.jobs import run_job
+
+        run_job(job.recipe, job.kind, job.seed, data_root=launch.data, device=launch.device, force=force)
+        return
+    if launch.nnodes > 1 and not launch.rdzv_endpoint:
+        raise UserError("several nodes need --rdzv-endpoint HOST:PORT (the same on every node)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+    log(f"launching: {shlex.join(cmd)}")
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise UserError(f"{job.label} failed under torchrun (exit {rc}); its record and the log above say why")
+
+
+def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = False,
+        keep_going: bool = False) -> dict[str, int]:
+    """Run the jobs that are not done (all with force); return counts by outcome."""
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    for i, (job, status) in enumerate(statuses(jobs), 1):
+        if status == "done" and not force:
+            counts["skipped"] += 1
+            if not dry_run:
+                log(f"[dim]skip[/] {job.label} (done; --force reruns)")
+            continue
+        if dry_run:
+            print(shlex.join(job_command(job, launch, force)))
+            continue
+        log(f"[bold]job {i}/{len(jobs)}[/] {job.label} ({status})")
+        try:
+            execute(job, launch, force)
+            counts["done"] += 1
+        except UserError as e:
+            counts["failed"] += 1
+            if not keep_going:
+                raise
+            log(f"[red]failed[/] {job.label}: {e}")
+    return counts
+
+
+def known_targets() -> list[str]:
+    return tables.list_tables() + list_recipes()

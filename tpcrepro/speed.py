@@ -1,0 +1,90 @@
+"""Throughput by one protocol (MEASURE.md).
+
+Eval mode, inference mode, random input already on the device, warm-up
+steps, then timed steps between device syncs (CUDA events on GPU), median
+over repeats. Models compared in one call are timed interleaved, repeat by
+repeat, so the baseline is re-measured in the same process on the same card
+and drift hits all of them alike. Never times the data pipeline.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from tpcrepro.records import device_name
+
+
+@dataclass(frozen=True)
+class Protocol:
+    batch_size: int = 256
+    precision: str = "bf16"  # bf16 | fp32
+    warmup: int = 10
+    steps: int = 30
+    repeats: int = 5
+    device: str = "cuda"
+    compile: bool = False
+
+    @classmethod
+    def cpu_default(cls, **kw) -> "Protocol":
+        """A shorter protocol for a laptop CPU: same steps, smaller numbers."""
+        return cls(**{**dict(batch_size=32, precision="fp32", warmup=2, steps=5, repeats=3, device="cpu"), **kw})
+
+
+def _autocast(p: Protocol):
+    if p.precision == "bf16":
+        return torch.autocast(torch.device(p.device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _time_steps(model: nn.Module, x: torch.Tensor, p: Protocol) -> float:
+    """Seconds per forward of batch x, averaged over p.steps, between syncs."""
+    if x.is_cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(p.steps):
+            model(x)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000.0 / p.steps
+    t0 = time.perf_counter()
+    for _ in range(p.steps):
+        model(x)
+    return (time.perf_counter() - t0) / p.steps
+
+
+def compare(models: dict[str, nn.Module], input_shape: tuple, p: Protocol) -> dict[str, dict]:
+    """Time each model by the protocol; the first one is the baseline of the ratios."""
+    prepared = {}
+    for name, m in models.items():
+        m = m.eval().to(p.device)
+        prepared[name] = torch.compile(m) if p.compile else m
+    x = torch.randn(p.batch_size, *input_shape, device=p.device)
+    times: dict[str, list[float]] = {n: [] for n in prepared}
+    with torch.inference_mode(), _autocast(p):
+        for m in prepared.values():
+            for _ in range(p.warmup):
+                m(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        for _ in range(p.repeats):
+            for n, m in prepared.items():
+                times[n].append(_time_steps(m, x, p))
+    base = statistics.median(times[next(iter(times))])
+    out = {}
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        out[n] = {
+            "images_per_sec": p.batch_size / med, "latency_ms": med * 1000.0, "ratio": base / med,
+            "spread": (max(ts) - min(ts)) / med,
+        }
+    return out
+
+
+def settings(p: Protocol) -> dict:
+    return {**p.__dict__, "device_name": device_name(p.device), "threads": torch.get_num_threads()}

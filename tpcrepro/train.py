@@ -1,0 +1,259 @@
+"""fit / evaluate: one loop for every model, single process or DDP through torchrun.
+
+A run directory holds `checkpoint.pt` (written atomically after every epoch,
+with optimizer, scheduler, scaler, EMA and RNG state) and `metrics.jsonl`
+(one line per epoch). A run directory with a checkpoint resumes from it.
+A model's forward may return logits, or a mapping with `logits` and `losses`
+(named, already weighted loss terms added to the task loss) and `stats`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from tpcrepro import checkpoint as ckpt
+from tpcrepro import data as data_mod
+from tpcrepro import distributed
+from tpcrepro.errors import UserError
+from tpcrepro.progress import EpochProgress, log
+from tpcrepro.recipe import Recipe, TrainCfg
+
+StepHook = Callable[[int, int], None]  # (epoch, step) -> None; may raise to stop
+
+
+def split_output(out) -> tuple[torch.Tensor, dict, dict]:
+    if isinstance(out, Mapping):
+        return out["logits"], dict(out.get("losses", {})), dict(out.get("stats", {}))
+    return out, {}, {}
+
+
+def criterion_for(aug, mixing: bool) -> nn.Module:
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if mixing:
+        return SoftTargetCrossEntropy()
+    if aug.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=aug.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def autocast(cfg: TrainCfg, device: str):
+    if cfg.amp and device.startswith("cuda"):
+        dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainCfg] = None) -> dict:
+    """Top-1 / top-5 (percent) over the whole split, exact under DDP (no padded samples)."""
+    model.eval()
+    correct1 = correct5 = total = skipped = 0
+    ctx = autocast(cfg, d.device) if cfg else nullcontext()
+    for x, y, n_skip in loader:
+        skipped += n_skip
+        if x is None:
+            continue
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        with ctx:
+            logits, _, _ = split_output(model(x))
+        top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top5 == y[:, None]
+        correct1 += hit[:, 0].sum().item()
+        correct5 += hit.any(dim=1).sum().item()
+        total += len(y)
+    correct1, correct5, total, skipped = distributed.all_sum([correct1, correct5, total, skipped], d)
+    if total == 0:
+        raise UserError("the validation split yielded no readable image; check the data directory")
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+            "n_val": int(total), "val_skipped": int(skipped)}
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed at each epoch start, so a resumed run draws exactly what an unbroken one draws."""
+    import random
+
+    import numpy as np
+
+    s = seed * 100003 + epoch * 101 + rank
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+
+
+class Fit:
+    """State of one training run: model, optimizer, scheduler, scaler, EMA, loaders."""
+
+    def __init__(self, recipe: Recipe, model: nn.Module, run_dir: Path, d: distributed.Dist,
+                 data_root: Optional[str] = None, seed: int = 0):
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        self.recipe, self.cfg, self.run_dir, self.d, self.seed = recipe, recipe.train, Path(run_dir), d, seed
+        cfg = self.cfg
+        if cfg.batch_size % d.world:
+            raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by {d.world} processes")
+        ds = data_mod.build_datasets(recipe.data, recipe.model, data_root)
+        workers = recipe.data.workers
+        self.train_loader = data_mod.train_loader(ds.train, cfg.batch_size // d.world, workers,
+                                                  recipe.data.aug, seed, d.rank, d.world)
+        self.val_loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size // d.world or 1, workers, d.rank, d.world)
+        self.mixup = data_mod.mixup_fn(recipe.data.aug, ds.num_classes)
+        self.criterion = criterion_for(recipe.data.aug, self.mixup is not None)
+        self.model = model.to(d.device)
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[d.local_rank]
+                    if d.device.startswith("cuda") else None) if d.world > 1 else self.model)
+        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = max(1, len(self.train_loader))
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, cfg.epochs * self.steps_per_epoch), lr_min=cfg.min_lr,
+            warmup_t=cfg.warmup_epochs * self.steps_per_epoch, warmup_lr_init=cfg.warmup_lr, t_in_epochs=False,
+        )
+        fp16 = cfg.amp and cfg.amp_dtype == "fp16" and d.device.startswith("cuda")
+        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
+        self.start_epoch = 0
+
+    # -- checkpoints
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / ckpt.CHECKPOINT
+
+    def state(self, epoch: int) -> dict:
+        return {
+            "epoch": epoch, "recipe": self.recipe.id, "recipe_hash": self.recipe.hash, "seed": self.seed,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.module.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
+        }
+
+    def resume(self) -> bool:
+        state = ckpt.load(self.ckpt_path)
+        if state is None:
+            return False
+        if state.get("recipe_hash") != self.recipe.hash:
+            raise UserError(
+                f"{self.run_dir} holds a checkpoint of another recipe version ({state.get('recipe_hash')} != "
+                f"{self.recipe.hash}); pass --force to start over there, or --run-dir elsewhere"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state.get("ema"):
+            self.ema.module.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        self.start_epoch = state["epoch"]
+        self._truncate_metrics(self.start_epoch)
+        return True
+
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < epochs_done]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    # -- loop
+    def train_epoch(self, epoch: int, hook: Optional[StepHook]) -> dict:
+        d, cfg = self.d, self.cfg
+        self.ddp.train()
+        _seed_epoch(self.seed, epoch, d.rank)
+        if hasattr(self.train_loader.sampler, "set_epoch"):
+            self.train_loader.sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        images, skipped, t0 = 0, 0, time.perf_counter()
+        with EpochProgress(epoch, self.cfg.epochs, self.steps_per_epoch, enabled=d.main) as bar:
+            for step, (x, y, n_skip) in enumerate(self.train_loader):
+                skipped += n_skip
+                if x is None:
+                    continue
+                if hook:
+                    hook(epoch, step)
+                terms = self.train_step(x, y, epoch, step)
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                images += len(x)
+                rate = images * d.world / (time.perf_counter() - t0)
+                bar.update(loss=terms["loss"], lr=self.optimizer.param_groups[0]["lr"], images_per_sec=rate)
+        n = max(1, len(self.train_loader))
+        out = {k: v / n for k, v in sums.items()}
+        out.update(train_images_per_sec=images * d.world / (time.perf_counter() - t0), train_skipped=skipped)
+        return out
+
+    def train_step(self, x, y, epoch: int, step: int) -> dict:
+        d, cfg = self.d, self.cfg
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        if self.mixup is not None:
+            if len(x) % 2:  # timm's batch mixup pairs images; a skipped image can leave an odd batch
+                x, y = x[:-1], y[:-1]
+            x, y = self.mixup(x, y)
+        with autocast(cfg, d.device):
+            logits, losses, _ = split_output(self.ddp(x))
+            task = self.criterion(logits.float(), y)
+            loss = task + sum(losses.values()) if losses else task
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or set train.clip_grad "
+                f"(the last good checkpoint is kept in {self.run_dir})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step_update(epoch * self.steps_per_epoch + step + 1)
+        if self.ema:
+            self.ema.update(self.model)
+        return {"loss": loss.item(), "task_loss": task.item(), **{k: v.item() for k, v in losses.items()}}
+
+    def run(self, hook: Optional[StepHook] = None) -> dict:
+        d = self.d
+        resumed = self.resume()
+        if resumed and d.main:
+            log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.epochs}")
+        t0 = time.perf_counter()
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            row = {"epoch": epoch, **self.train_epoch(epoch, hook), **evaluate(self.ddp, self.val_loader, d, self.cfg)}
+            if d.main:
+                with (self.run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                ckpt.save(self.ckpt_path, self.state(epoch + 1))
+                log(f"epoch {epoch + 1}/{self.cfg.epochs}  loss {row['loss']:.4f}  top1 {row['top1']:.2f}  "
+                    f"{row['train_images_per_sec']:.0f} img/s")
+            distributed.barrier(d)
+        final = evaluate(self.ddp, self.val_loader, d, self.cfg)
+        if self.ema:
+            final.update({f"{k}_ema": v for k, v in evaluate(self.ema.module, self.val_loader, d, self.cfg).items()
+                          if k in ("top1", "top5")})
+        final.update(epochs=self.cfg.epochs, resumed=resumed, train_duration_s=time.perf_counter() - t0)
+        final.update(self._train_summary())
+        return final
+
+    def _train_summary(self) -> dict:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists() or not path.stat().st_size:
+            return {}
+        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
+        rates = [r["train_images_per_sec"] for r in rows if not math.isnan(r.get("train_images_per_sec", math.nan))]
+        return {"final_train_loss": rows[-1]["loss"], "train_images_per_sec": sum(rates) / len(rates)}

@@ -1,0 +1,72 @@
+"""Create models by name and load pretrained weights (local file or timm's hub)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import timm
+import torch
+
+from tpcrepro.errors import UserError
+from tpcrepro.recipe import ModelCfg
+
+_STATE_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict")
+
+
+def create(cfg: ModelCfg) -> torch.nn.Module:
+    """timm.create_model from a recipe's model section (weights from `pretrained` applied)."""
+    import tpcrepro.models  # noqa: F401  registers tpcrepro's models
+
+    if cfg.name not in timm.list_models() and cfg.name.split(".")[0] not in timm.list_models():
+        raise UserError(f"unknown model '{cfg.name}'; `tpcrepro models` lists the names timm and tpcrepro know")
+    kwargs = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path, **cfg.kwargs)
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.pretrained == "hub":
+        try:
+            return timm.create_model(cfg.name, pretrained=True, **kwargs)
+        except Exception as e:  # network, hub or cache errors come in many types
+            raise UserError(
+                f"could not fetch '{cfg.name}' weights from timm's hub ({type(e).__name__}); "
+                "download them where a network is reachable and pass model.pretrained=/path/to/checkpoint.pth"
+            ) from None
+    model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    if cfg.pretrained:
+        load_weights(model, cfg.pretrained)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A state dict from a timm file, a DeiT-style {'model': ...} file or a tpcrepro checkpoint."""
+    p = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    if not p.is_file():
+        raise UserError(
+            f"pretrained weights {p} not found; pass model.pretrained=/path/to/file, or 'hub' where a network is reachable"
+        )
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read weights from {p} ({type(e).__name__}: {e}); is it a PyTorch checkpoint?") from None
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict) and obj[key]:
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UserError(f"{p} holds no state dict (looked for keys {', '.join(_STATE_KEYS)} or a flat dict)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load weights strictly, except a classifier head of another size, which is left as initialised."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    dropped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape and k.startswith(("head.", "fc."))]
+    for k in dropped:
+        sd.pop(k)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in dropped]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"weights in {path} do not fit {type(model).__name__}: {what}; check model.name")
