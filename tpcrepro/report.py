@@ -142,7 +142,7 @@ def render(spec: tables.TableSpec, latest: dict) -> str:
              f"# Table {num}: {spec.title}", ""]
     paper_df, have_ours = paper_frame(spec, latest)
     lines += ["## ImageNet-1K: the paper" + (" and our `paper`-profile runs" if have_ours else ""), ""]
-    lines += [paper_df.to_markdown(index=False), ""]
+    lines += [paper_df.to_markdown(index=False, disable_numparse=True), ""]
     if not have_ours:
         lines += [f"No `paper`-profile run recorded yet: `tpcrepro run {spec.id} --profile paper --data /path/to/imagenet`.", ""]
     notes = [f"- {r.label}: {r.note}" for r in spec.rows if r.note and not r.quoted]
@@ -154,7 +154,7 @@ def render(spec: tables.TableSpec, latest: dict) -> str:
     smoke = smoke_frame(spec, latest)
     if smoke is not None:
         lines += ["## Our runs at smoke scale (profile `smoke`)", "", f"{SMOKE_NOTE} Mean ± standard deviation over seeds.",
-                  "", smoke.to_markdown(index=False), ""]
+                  "", smoke.to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(lines)
 
 

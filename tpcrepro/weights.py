@@ -65,6 +65,10 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     dropped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape and k.startswith(("head.", "fc."))]
     for k in dropped:
         sd.pop(k)
+    wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"weights in {path} do not fit {type(model).__name__}: '{wrong[0]}' is "
+                        f"{tuple(sd[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here; check model.name")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in dropped]
     if missing or unexpected:

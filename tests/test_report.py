@@ -1,0 +1,62 @@
+"""Report and list: deterministic tables from fixture records; smoke numbers kept apart."""
+
+from __future__ import annotations
+
+from tpcrepro import records, report, status
+from tpcrepro.recipe import load_recipe
+
+
+def _rec(recipe_id, kind, seed, metrics, status_="done", started="2026-01-01T00:00:00", recipe_hash=None):
+    r = load_recipe(recipe_id)
+    return records.Record(
+        recipe=r.id, recipe_hash=recipe_hash or r.hash, profile=r.profile, kind=kind, seed=seed, status=status_,
+        metrics=metrics, settings={}, overrides=[], environment={"git_commit": "abc1234"}, started_at=started,
+        duration_s=1.0,
+    )
+
+
+def _fixture():
+    for seed, top1 in enumerate([97.0, 98.0, 99.0]):
+        records.write_record(_rec("smoke/vit", "train", seed, {"top1": top1, "top5": 100.0}))
+    records.write_record(_rec("smoke/vit", "flops", 0, {"params": 404874, "macs": 30_230_000}))
+    records.write_record(_rec("deit/deit_s", "train", 0, {"top1": 79.86, "top5": 94.95}))
+    records.write_record(_rec("deit/deit_s", "flops", 0, {"params": 22_050_664, "macs": 4_608_338_304}))
+
+
+def test_report_is_deterministic_and_keeps_smoke_apart(tmp_path):
+    _fixture()
+    a = report.write_all(tmp_path / "a", ["table3"])[0].read_text()
+    b = report.write_all(tmp_path / "b", ["table3"])[0].read_text()
+    assert a == b
+    paper_part, smoke_part = a.split("## Our runs at smoke scale")
+    assert "79.9" in paper_part and "+0.06" in paper_part  # ours beside the paper, with the difference
+    assert "98.0 ± 1.0" not in paper_part and "98.0 ± 1.0" in smoke_part  # smoke only in its own section
+    assert "not ImageNet results" in smoke_part and "MACs (M), smoke" in smoke_part
+    assert "quoted from the paper" in paper_part
+    assert "`smoke/vit` seeds 0,1,2" in smoke_part
+
+
+def test_report_without_runs_shows_the_paper_and_how_to_run(tmp_path):
+    text = report.write_all(tmp_path, ["table9"])[0].read_text()
+    assert "70.6" in text and "tpcrepro run table9 --profile paper" in text
+
+
+def test_list_statuses():
+    _fixture()
+    records.write_record(_rec("deit/deit_t", "train", 0, {}, status_="failed"))
+    records.write_record(_rec("deit/deit_b", "train", 0, {"top1": 1.0}, recipe_hash="000000000000"))
+    rows = {(r["table"], r["row"]): r for r in status.table_status(["smoke", "paper"], lambda p: [0])}
+    assert rows[("table3", "deit_s")]["paper"] == "missing"  # flops done, throughput not yet
+    assert rows[("table3", "deit_s")]["smoke"] == "done"
+    assert rows[("table2", "deit_t")]["paper"] == "failed"
+    assert rows[("table5", "deit_b")]["paper"] == "stale"
+    assert rows[("table3", "tokenlearner")]["paper"] == "quoted"
+    assert rows[("table3", "ours")]["smoke"] == "no recipe"
+
+
+def test_latest_record_wins():
+    records.write_record(_rec("smoke/vit", "train", 0, {"top1": 1.0}, started="2026-01-01T00:00:00"))
+    records.write_record(_rec("smoke/vit", "train", 0, {"top1": 2.0}, started="2026-01-02T00:00:00"))
+    records.write_record(_rec("smoke/vit", "train", 0, {}, status_="failed", started="2026-01-03T00:00:00"))
+    best = records.latest(records.load_records())
+    assert best[("smoke/vit", "smoke", "train", 0)].metrics["top1"] == 2.0
