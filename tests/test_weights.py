@@ -49,14 +49,31 @@ def test_missing_or_wrong_files_are_clear(tmp_path):
 
 
 def test_hub_unreachable_is_clear(monkeypatch):
+    real = timm.create_model
+
     def offline(*a, pretrained=False, **k):
         if pretrained:
             raise ConnectionError("no network")
-        return timm.create_model(*a, **k)
+        return real(*a, **k)
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(UserError, match="model.pretrained=/path"):
         weights.create(ModelCfg(name="deit_tiny_patch16_224", pretrained="hub"))
+    with pytest.raises(UserError, match="'deit_tiny_patch16_224' weights"):  # an adaptive model asks for its backbone's
+        weights.create(ModelCfg(name="tpc_deit_t", backbone="deit_tiny_patch16_224", pretrained="hub"))
+
+
+def test_backbone_hub_weights_load_into_the_adaptive_model(monkeypatch):
+    real = timm.create_model
+    torch.manual_seed(0)
+    released = real("deit_tiny_patch16_224")
+
+    def hub(name, pretrained=False, **k):
+        return released if pretrained else real(name, **k)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    m = weights.create(ModelCfg(name="tpc_deit_t", backbone="deit_tiny_patch16_224", pretrained="hub"))
+    assert all(torch.equal(v, released.state_dict()[k]) for k, v in m.state_dict().items())
 
 
 def test_unknown_model_name():

@@ -110,13 +110,18 @@ def vit_macs(dims: ViTDims, n_q: Sequence[int], n_kv: Optional[Sequence[int]] = 
     return total
 
 
-def mean_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Tensor] = None,
-                  kappa: Optional[int] = None, n_final: Optional[torch.Tensor] = None) -> float:
-    """Mean over images of each image's own MACs; n_q, n_kv: [B, L] integer counts, n_final: [B]."""
+def per_image_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Tensor] = None,
+                       kappa: Optional[int] = None, n_final: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each image's own MACs; n_q, n_kv: [B, L] integer counts, n_final: [B] (default n_q[:, -1]). -> [B]."""
     n_q = n_q.long()
     n_kv = n_q if n_kv is None else n_kv.long()
     n_final = n_q[:, -1] if n_final is None else n_final.long()
     c = dims.embed_dim
     per_layer = block_macs(n_q, n_kv, c, dims.mlp_hidden, kappa)
-    per_image = per_layer.sum(1) + dims.num_patches * dims.patch_dim * c + 5 * n_final * c + c * dims.num_classes
-    return per_image.double().mean().item()
+    return per_layer.sum(1) + dims.num_patches * dims.patch_dim * c + 5 * n_final * c + c * dims.num_classes
+
+
+def mean_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Tensor] = None,
+                  kappa: Optional[int] = None, n_final: Optional[torch.Tensor] = None) -> float:
+    """Mean over images of each image's own MACs (not the MACs at the mean count: attention is quadratic)."""
+    return per_image_vit_macs(dims, n_q, n_kv, kappa, n_final).double().mean().item()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import shutil
 import time
+
+import torch
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -14,7 +16,8 @@ from typing import Optional
 from tpcrepro import distributed, flops, paths, records, speed, weights
 from tpcrepro.errors import UserError
 from tpcrepro.progress import log
-from tpcrepro.recipe import Recipe
+from tpcrepro.models import is_adaptive, method_kwargs
+from tpcrepro.recipe import Recipe, load_recipe
 
 
 def run_dir_for(recipe: Recipe, seed: int) -> Path:
@@ -26,21 +29,44 @@ def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[s
            hook=None) -> tuple[dict, dict]:
     from tpcrepro.train import Fit
 
-    import torch
-
     torch.manual_seed(seed)  # the same seed initialises the same weights on every rank
-    model = weights.create(recipe.model)
-    fit = Fit(recipe, model, run_dir, d, data_root, seed)
-    metrics = fit.run(hook)
+    model = weights.create(recipe.model, **method_kwargs(recipe))
     settings = {"world_size": d.world, "batch_size": recipe.train.batch_size, "epochs": recipe.train.epochs,
                 "run_dir": str(run_dir), "data": recipe.data.dataset}
-    return metrics, settings
+    if recipe.model.init_from:
+        path = init_checkpoint(recipe.model.init_from, seed)
+        weights.load_weights(model, path)
+        settings["init_from"] = str(path)
+    fit = Fit(recipe, model, run_dir, d, data_root, seed)
+    return fit.run(hook), settings
+
+
+def init_checkpoint(recipe_id: str, seed: int) -> Path:
+    """The finished checkpoint of another recipe's run with the same seed (fine-tuning starts there)."""
+    dep = load_recipe(recipe_id)
+    path = run_dir_for(dep, seed) / "checkpoint.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    if state is None or state["epoch"] < dep.train.epochs:
+        raise UserError(f"model.init_from needs a finished run of {recipe_id} seed {seed} ({path}); "
+                        f"run `tpcrepro run {recipe_id} --seeds {seed}` first")
+    return path
+
+
+def _static_model(recipe: Recipe) -> torch.nn.Module:
+    m = recipe.model  # weights do not change a static count: skip loading them
+    return weights.create(m.__class__(**{**m.__dict__, "pretrained": None}), **method_kwargs(recipe))
 
 
 def _flops(recipe: Recipe) -> tuple[dict, dict]:
+    """Params and the static MACs. Adaptive models: the all-tokens count (their per-image mean is in the train record)."""
     m = recipe.model
-    model = weights.create(m.__class__(**{**m.__dict__, "pretrained": None}))  # weights do not change MACs
-    shape = (m.in_chans, m.img_size, m.img_size)
+    model, shape = _static_model(recipe), (m.in_chans, m.img_size, m.img_size)
+    if is_adaptive(m.name):
+        dims = flops.ViTDims.of(model)
+        n = dims.num_patches + model.num_prefix_tokens
+        macs = flops.vit_macs(dims, [n] * dims.depth, kappa=recipe.stabilizer.kappa, n_final=1)
+        metrics = {"params": flops.count_params(model), "macs_all_tokens": macs}
+        return metrics, {"counter": "analytic", "note": "all tokens computed; the per-image mean is in the train record"}
     metrics = {"params": flops.count_params(model), "macs": flops.fvcore_macs(model, shape)}
     return metrics, {"counter": "fvcore", "fused_attn": False, "input_shape": list(shape), "batch": 1}
 
@@ -49,7 +75,7 @@ def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:
     t, m = recipe.throughput, recipe.model
     p = speed.Protocol(batch_size=t.batch_size, precision=t.precision, warmup=t.warmup, steps=t.steps,
                        repeats=t.repeats, device=device)
-    model = weights.create(m.__class__(**{**m.__dict__, "pretrained": None}))
+    model = _static_model(recipe)
     res = speed.compare({m.name: model}, (m.in_chans, m.img_size, m.img_size), p)[m.name]
     return {"images_per_sec": res["images_per_sec"], "latency_ms": res["latency_ms"]}, speed.settings(p)
 

@@ -20,6 +20,7 @@ import yaml
 
 from tpcrepro import paths
 from tpcrepro.errors import UserError
+from tpcrepro.models.controller import TPCCfg
 
 PROFILES = ("smoke", "paper")
 JOB_KINDS = ("train", "flops", "throughput")
@@ -29,6 +30,8 @@ JOB_KINDS = ("train", "flops", "throughput")
 class ModelCfg:
     name: str = "deit_small_patch16_224"
     pretrained: Optional[str] = None  # null | "hub" | path to a checkpoint file ($VARS expanded)
+    backbone: Optional[str] = None  # timm name whose hub weights `pretrained: hub` loads (adaptive models)
+    init_from: Optional[str] = None  # recipe id: start from that recipe's finished run of the same seed
     num_classes: int = 1000
     img_size: int = 224
     in_chans: int = 3
@@ -96,6 +99,11 @@ class ThroughputCfg:
 
 
 @dataclass(frozen=True)
+class StabilizerCfg:
+    kappa: Optional[int] = None  # top-κ attention; null = dense
+
+
+@dataclass(frozen=True)
 class Recipe:
     profile: str
     description: str = ""
@@ -106,6 +114,8 @@ class Recipe:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
+    tpc: TPCCfg = field(default_factory=TPCCfg)
+    stabilizer: StabilizerCfg = field(default_factory=StabilizerCfg)
     # Filled by the loader, not by YAML.
     id: str = ""
     overrides: tuple = ()
@@ -118,11 +128,27 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def _non_default(d: dict, default: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and isinstance(default.get(k), dict):
+            sub = _non_default(v, default[k])
+            if sub:
+                out[k] = sub
+        elif k not in default or default[k] != v:
+            out[k] = v
+    return out
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of everything that changes a number (not the description)."""
-    d = recipe.to_dict()
+    """Hash of the settings that differ from the defaults (not the description, id or seed).
+
+    Hashing only what differs keeps hashes stable when new keys with
+    defaults are added; the code version is in every record's git commit.
+    """
+    d = _non_default(recipe.to_dict(), Recipe(profile=recipe.profile).to_dict())
     for key in ("description", "id", "overrides", "seed"):
-        d.pop(key)
+        d.pop(key, None)
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -251,7 +277,7 @@ def build(cls: type, data: dict, source: str, prefix: str) -> Any:
             kwargs[name] = _check_scalar(tp, value, where)
     try:
         obj = cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"{source}: {e}") from None
     _validate(obj, source)
     return obj

@@ -75,7 +75,20 @@ def _table_recipe_ids(table_id: str, profile: str) -> list[str]:
 
 
 def plan(recipes: list[Recipe], seeds: list[int]) -> list[Job]:
-    return [Job(r, kind, s) for r in recipes for kind in r.jobs for s in (seeds[:1] if kind in SEED_FREE_KINDS else seeds)]
+    """Jobs in order: a recipe fine-tuned from another (model.init_from) comes after that one's training."""
+    jobs: list[Job] = []
+    for r in recipes:
+        if r.model.init_from:
+            dep = load_recipe(r.model.init_from)
+            jobs += [Job(dep, "train", s) for s in seeds]
+        jobs += [Job(r, kind, s) for kind in r.jobs for s in (seeds[:1] if kind in SEED_FREE_KINDS else seeds)]
+    seen, out = set(), []
+    for j in jobs:
+        key = (j.recipe.id, j.recipe.hash, j.kind, j.seed)
+        if key not in seen:
+            seen.add(key)
+            out.append(j)
+    return out
 
 
 def job_status(job: Job, latest_any: dict, latest_done: dict) -> str:

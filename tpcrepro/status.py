@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable
 
 from tpcrepro import records, runner, tables
-from tpcrepro.progress import console
 from tpcrepro.recipe import load_recipe
 
 ORDER = ("failed", "stale", "missing", "done")  # a row takes the worst status of its jobs
@@ -35,6 +34,7 @@ def table_status(profiles: list[str], seeds_for: Callable[[str], list[int]]) -> 
 
 
 def print_status(rows: list[dict]) -> None:
+    from rich.console import Console
     from rich.table import Table
 
     profiles = [k for k in rows[0] if k not in ("table", "row", "label")] if rows else []
@@ -42,4 +42,4 @@ def print_status(rows: list[dict]) -> None:
     t = Table("table", "row", "label", *profiles)
     for r in rows:
         t.add_row(r["table"], r["row"], r["label"], *[f"[{colour[r[p]]}]{r[p]}[/]" for p in profiles])
-    console.print(t)
+    Console().print(t)  # stdout: this is the command's output

@@ -27,6 +27,7 @@ from tpcrepro.errors import UserError
 from tpcrepro.progress import EpochProgress, log
 from tpcrepro.recipe import Recipe, TrainCfg
 
+GATE_WARN = 1e-6  # below this largest break probability the controller cannot learn
 StepHook = Callable[[int, int], None]  # (epoch, step) -> None; may raise to stop
 
 
@@ -58,6 +59,7 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
     """Top-1 / top-5 (percent) over the whole split, exact under DDP (no padded samples)."""
     model.eval()
     correct1 = correct5 = total = skipped = 0
+    token_stats = StatSum()
     ctx = autocast(cfg, d.device) if cfg else nullcontext()
     for x, y, n_skip in loader:
         skipped += n_skip
@@ -65,7 +67,8 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
             continue
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with ctx:
-            logits, _, _ = split_output(model(x))
+            logits, _, stats = split_output(model(x))
+        token_stats.add(stats)
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         correct1 += hit[:, 0].sum().item()
@@ -75,7 +78,44 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
     if total == 0:
         raise UserError("the validation split yielded no readable image; check the data directory")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-            "n_val": int(total), "val_skipped": int(skipped)}
+            "n_val": int(total), "val_skipped": int(skipped), **token_stats.means(d)}
+
+
+class StatSum:
+    """Sums of an adaptive model's per-image stats ([B] or [B, L] tensors) -> means over images.
+
+    `macs` [B] (each image's own MACs) gives the mean MACs; per-layer counts
+    give mean tokens per layer (`n_q`: computed, `n_kv`: keys, `paused`,
+    `halted`, `restarted`). Exact under DDP.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, stats: dict) -> None:
+        per_image = {k: v for k, v in stats.items() if torch.is_tensor(v) and v.dim() >= 1}
+        if not per_image:
+            return
+        self.n += len(next(iter(per_image.values())))
+        for k, v in per_image.items():
+            v = v.detach().double().sum(0).cpu()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def means(self, d: distributed.Dist, prefix: str = "") -> dict:
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        flat = torch.cat([self.sums[k].flatten() for k in keys]).tolist()
+        flat = distributed.all_sum(flat + [float(self.n)], d)
+        n, out, i = flat[-1], {}, 0
+        for k in keys:
+            size = self.sums[k].numel()
+            vals = [v / n for v in flat[i:i + size]]
+            i += size
+            name = prefix + ("macs" if k == "macs" else f"tokens_{k}")
+            out[name] = vals[0] if self.sums[k].dim() == 0 else vals
+        return out
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -174,6 +214,7 @@ class Fit:
         if hasattr(self.train_loader.sampler, "set_epoch"):
             self.train_loader.sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
+        token_stats = StatSum()
         images, skipped, t0 = 0, 0, time.perf_counter()
         with EpochProgress(epoch, self.cfg.epochs, self.steps_per_epoch, enabled=d.main) as bar:
             for step, (x, y, n_skip) in enumerate(self.train_loader):
@@ -182,7 +223,8 @@ class Fit:
                     continue
                 if hook:
                     hook(epoch, step)
-                terms = self.train_step(x, y, epoch, step)
+                terms, stats = self.train_step(x, y, epoch, step)
+                token_stats.add(stats)
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 images += len(x)
@@ -191,6 +233,7 @@ class Fit:
         n = max(1, len(self.train_loader))
         out = {k: v / n for k, v in sums.items()}
         out.update(train_images_per_sec=images * d.world / (time.perf_counter() - t0), train_skipped=skipped)
+        out.update(token_stats.means(d, prefix="train_"))
         return out
 
     def train_step(self, x, y, epoch: int, step: int) -> dict:
@@ -201,7 +244,7 @@ class Fit:
                 x, y = x[:-1], y[:-1]
             x, y = self.mixup(x, y)
         with autocast(cfg, d.device):
-            logits, losses, _ = split_output(self.ddp(x))
+            logits, losses, stats = split_output(self.ddp(x))
             task = self.criterion(logits.float(), y)
             loss = task + sum(losses.values()) if losses else task
         if not torch.isfinite(loss):
@@ -225,13 +268,32 @@ class Fit:
         self.scheduler.step_update(epoch * self.steps_per_epoch + step + 1)
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": loss.item(), "task_loss": task.item(), **{k: v.item() for k, v in losses.items()}}
+        terms = {"loss": loss.item(), "task_loss": task.item(), **{f"{k}_loss": v.item() for k, v in losses.items()}}
+        return terms, stats
+
+    def gate_report(self) -> dict:
+        """For controllers: the gates' statistics on one training batch, with a warning if they cannot learn."""
+        if not hasattr(self.model, "gate_report"):
+            return {}
+        x = next(x for x, _, _ in self.train_loader if x is not None)
+        rep = self.model.gate_report(x.to(self.d.device))
+        if self.d.main:
+            peaks = ", ".join(f"{v:.2f}" for v in rep["gate_channel_max"])
+            log(f"gates at start: largest break probability {rep['max_break']:.3g}; gate channels peak at {peaks} "
+                f"(centre β/γ = {rep['centre']:.2f})")
+            if rep["max_break"] < GATE_WARN:
+                log(f"[yellow]warning:[/] the largest break probability is {rep['max_break']:.2g} < {GATE_WARN:g}: "
+                    "the gates are saturated, nothing will halt and the controller gets no gradient; "
+                    "lower tpc.beta (or start from weights whose gate channels reach β/γ)")
+        return {"start_max_break": rep["max_break"], "start_gate_channel_max": rep["gate_channel_max"],
+                "gate_warning": rep["max_break"] < GATE_WARN}
 
     def run(self, hook: Optional[StepHook] = None) -> dict:
         d = self.d
         resumed = self.resume()
         if resumed and d.main:
             log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.epochs}")
+        gates = self.gate_report()
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, self.cfg.epochs):
             row = {"epoch": epoch, **self.train_epoch(epoch, hook), **evaluate(self.ddp, self.val_loader, d, self.cfg)}
@@ -246,7 +308,7 @@ class Fit:
         if self.ema:
             final.update({f"{k}_ema": v for k, v in evaluate(self.ema.module, self.val_loader, d, self.cfg).items()
                           if k in ("top1", "top5")})
-        final.update(epochs=self.cfg.epochs, resumed=resumed, train_duration_s=time.perf_counter() - t0)
+        final.update(epochs=self.cfg.epochs, resumed=resumed, train_duration_s=time.perf_counter() - t0, **gates)
         final.update(self._train_summary())
         return final
 

@@ -14,8 +14,13 @@ from tpcrepro.recipe import ModelCfg
 _STATE_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict")
 
 
-def create(cfg: ModelCfg) -> torch.nn.Module:
-    """timm.create_model from a recipe's model section (weights from `pretrained` applied)."""
+def create(cfg: ModelCfg, **method: object) -> torch.nn.Module:
+    """timm.create_model from a recipe's model section, with `pretrained` weights applied.
+
+    `method` holds the method's own arguments (e.g. tpc=TPCCfg, kappa=100).
+    `pretrained: hub` loads timm's hub weights of `backbone` (or of the model
+    itself), so an adaptive model starts from its backbone's released weights.
+    """
     import tpcrepro.models  # noqa: F401  registers tpcrepro's models
 
     if cfg.name not in timm.list_models() and cfg.name.split(".")[0] not in timm.list_models():
@@ -23,16 +28,18 @@ def create(cfg: ModelCfg) -> torch.nn.Module:
     kwargs = dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path, **cfg.kwargs)
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
+    model = timm.create_model(cfg.name, pretrained=False, **kwargs, **method)
     if cfg.pretrained == "hub":
+        source = cfg.backbone or cfg.name
         try:
-            return timm.create_model(cfg.name, pretrained=True, **kwargs)
+            hub = timm.create_model(source, pretrained=True, **kwargs)
         except Exception as e:  # network, hub or cache errors come in many types
             raise UserError(
-                f"could not fetch '{cfg.name}' weights from timm's hub ({type(e).__name__}); "
+                f"could not fetch '{source}' weights from timm's hub ({type(e).__name__}); "
                 "download them where a network is reachable and pass model.pretrained=/path/to/checkpoint.pth"
             ) from None
-    model = timm.create_model(cfg.name, pretrained=False, **kwargs)
-    if cfg.pretrained:
+        load_state(model, hub.state_dict(), source)
+    elif cfg.pretrained:
         load_weights(model, cfg.pretrained)
     return model
 
@@ -59,8 +66,11 @@ def read_state_dict(path: str | Path) -> dict:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load weights strictly, except a classifier head of another size, which is left as initialised."""
-    sd = read_state_dict(path)
+    load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: torch.nn.Module, sd: dict, path: object) -> None:
+    """Load strictly, except a classifier head of another size, which is left as initialised."""
     own = model.state_dict()
     dropped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape and k.startswith(("head.", "fc."))]
     for k in dropped:

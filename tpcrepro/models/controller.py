@@ -1,0 +1,164 @@
+"""The token propagation controller (TPC) and A-ViT's halting, as pure tensor functions.
+
+Per image, K tokens; per token: remainder R (starts 1), ponder cost ρ,
+`halted`, and `pause_left` (layers it still skips). After each block:
+gates p, r̃ from two channels of the block output (Eq. 4-5), break b = p·r̃,
+the token distribution regularizer b̂ = ξ·b + (1 − ξ)·mean(b) (Eq. 9), then
+adaptive computation time on b̂ (Eq. 6-8): a token halts once Σ b̂ ≥ 1 − δ,
+its halting weights are b̂ before and the remainder at the halting layer. A
+running token with p ≥ ½ and r = 1 − r̃ ≥ ½ pauses for `pause_span` layers
+and then restarts (reuse: pause); reuse: none never pauses (Algorithm 1).
+CLS takes part in halting but never pauses. A-ViT is the same controller
+with one gate (b = σ(γ·t₀ − β)), no TDR and no pausing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TPCCfg:
+    gate_dims: tuple = (0, 1)  # channels of the block output read by the pause and non-restart gates
+    gamma: float = 5.0
+    beta: float = 40.0
+    gate_sign: str = "minus"  # minus: σ(γ·t − β) (A-ViT's convention); plus: σ(γ·t + β) as printed
+    single_gate: bool = False  # A-ViT: b = σ(γ·t[gate_dims[0]] ∓ β), no pause gate
+    tdr: bool = True
+    xi: float = 0.5
+    delta: float = 0.01
+    reuse: str = "pause"  # pause | none
+    pause_span: int = 1
+    paused_as_kv: bool = True
+    target_depth: float = 8.0  # 1-based layer of the Gaussian prior's mean
+    dist_source: str = "halting_weights"  # halting_weights | break_mean
+    kl_direction: str = "d_target"  # d_target: KL(D‖target) as printed; target_d: KL(target‖D) as A-ViT
+    phi_p: float = 5e-4
+    phi_d: float = 0.1
+
+    def __post_init__(self):
+        checks = {"gate_sign": ("minus", "plus"), "reuse": ("pause", "none"),
+                  "dist_source": ("halting_weights", "break_mean"), "kl_direction": ("d_target", "target_d")}
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"tpc.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if len(self.gate_dims) != 2:
+            raise ValueError(f"tpc.gate_dims must name two channels, got {self.gate_dims}")
+
+
+@dataclass
+class TokenState:
+    """[B, N] per-token state."""
+
+    R: torch.Tensor  # remainder 1 − Σ b̂ (float)
+    rho: torch.Tensor  # ponder cost so far (float)
+    halted: torch.Tensor  # bool
+    pause_left: torch.Tensor  # layers still to skip (int)
+
+    @classmethod
+    def start(cls, b: int, n: int, device) -> "TokenState":
+        return cls(torch.ones(b, n, device=device), torch.zeros(b, n, device=device),
+                   torch.zeros(b, n, dtype=torch.bool, device=device),
+                   torch.zeros(b, n, dtype=torch.long, device=device))
+
+    def computed(self) -> torch.Tensor:
+        return ~self.halted & (self.pause_left == 0)
+
+    def paused(self) -> torch.Tensor:
+        return ~self.halted & (self.pause_left > 0)
+
+    def index(self, keep: torch.Tensor) -> "TokenState":
+        return TokenState(self.R[keep], self.rho[keep], self.halted[keep], self.pause_left[keep])
+
+
+def gates(t: torch.Tensor, cfg: TPCCfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pause p and non-restart r̃ from the block output t [B, N, C] -> ([B, N], [B, N]).
+
+    With single_gate (A-ViT), r̃ ≡ 1 so b = p.
+    """
+    sign = -1.0 if cfg.gate_sign == "minus" else 1.0
+    i, j = cfg.gate_dims
+    p = torch.sigmoid(cfg.gamma * t[..., i].float() + sign * cfg.beta)
+    if cfg.single_gate:
+        return p, torch.ones_like(p)
+    return p, torch.sigmoid(cfg.gamma * t[..., j].float() + sign * cfg.beta)
+
+
+def regularize(b: torch.Tensor, computed: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
+    """TDR (Eq. 9): mix each token's b with the mean b of the tokens computed in its image. [B, N]."""
+    if not cfg.tdr or cfg.xi == 1.0:
+        return b
+    m = computed.float()
+    mean = (b * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+    return cfg.xi * b + (1.0 - cfg.xi) * mean
+
+
+def step(state: TokenState, b_hat: torch.Tensor, p: torch.Tensor, r_tilde: torch.Tensor, computed: torch.Tensor,
+         last: bool, is_cls: torch.Tensor, cfg: TPCCfg) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+    """One layer of halting and pausing for the tokens `computed` there. All [B, N].
+
+    Returns the new state, the halting weights w of this layer, and the mask
+    of tokens that halted here. The halting mask is hard (no gradient);
+    gradients flow through b̂ into w, R and ρ.
+    """
+    cf = computed.float()
+    if last:
+        halt = computed
+    else:
+        halt = computed & ((state.R - b_hat).detach() <= cfg.delta)
+    w = torch.where(halt, state.R, b_hat) * cf
+    R = torch.where(computed & ~halt, state.R - b_hat, state.R)
+    rho = state.rho + cf + torch.where(halt, state.R, torch.zeros_like(state.R))
+    paused = state.paused()
+    pause_left = torch.where(paused, state.pause_left - 1, state.pause_left)
+    if cfg.reuse == "pause" and not last:
+        new = computed & ~halt & (p.detach() >= 0.5) & (r_tilde.detach() <= 0.5) & ~is_cls
+        pause_left = torch.where(new, torch.full_like(pause_left, cfg.pause_span), pause_left)
+    return TokenState(R, rho, state.halted | halt, pause_left), w, halt
+
+
+def finish(state: TokenState) -> tuple[TokenState, torch.Tensor]:
+    """Tokens still paused after the last layer halt there with their remainder: (state, w_end)."""
+    left = ~state.halted
+    w_end = state.R * left.float()
+    return TokenState(state.R, state.rho + w_end, state.halted | left, torch.zeros_like(state.pause_left)), w_end
+
+
+# ---------------------------------------------------------------- losses
+
+def gaussian_prior(depth: int, mean: float, std: float = 1.0, device=None) -> torch.Tensor:
+    """N(mean, std) over layers 1..depth, normalised to sum 1. [L]."""
+    layers = torch.arange(1, depth + 1, dtype=torch.float32, device=device)
+    pdf = torch.exp(-0.5 * ((layers - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    return pdf / pdf.sum()
+
+
+def depth_distribution(weights: torch.Tensor, b_hat: torch.Tensor, computed: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
+    """D over layers [L]. weights, b_hat, computed: [B, L, N].
+
+    halting_weights: D_l = mean over images and tokens of w^l (sums to 1).
+    break_mean: mean b̂ of the tokens computed at l (b̂ = 1 at the last layer), normalised.
+    """
+    if cfg.dist_source == "halting_weights":
+        return weights.mean(dim=(0, 2))
+    m = computed.float()
+    d = (b_hat * m).sum(dim=(0, 2)) / m.sum(dim=(0, 2)).clamp(min=1.0)
+    return d / d.sum().clamp(min=1e-8)
+
+
+def kl_to_prior(d: torch.Tensor, prior: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
+    log_d = torch.log(d + 1e-8)
+    if cfg.kl_direction == "d_target":
+        return (d * (log_d - torch.log(prior))).sum()
+    return (prior * (torch.log(prior) - log_d)).sum()
+
+
+def losses(rho: torch.Tensor, weights: torch.Tensor, b_hat: torch.Tensor, computed: torch.Tensor,
+           cfg: TPCCfg) -> dict[str, torch.Tensor]:
+    """Weighted ponder and distribution losses (Eq. 10, 12-14). rho [B, N]; others [B, L, N]."""
+    prior = gaussian_prior(weights.shape[1], cfg.target_depth, device=weights.device)
+    d = depth_distribution(weights, b_hat, computed, cfg)
+    return {"ponder": cfg.phi_p * rho.mean(), "distribution": cfg.phi_d * kl_to_prior(d, prior, cfg)}

@@ -1,0 +1,263 @@
+"""TPC on timm's ViT/DeiT blocks, registered with timm as tpc_deit_{t,s,b} and tpc_vit_smoke.
+
+Two forms of the same function:
+- masked (training): all K tokens stay in the tensor; queries that are not
+  computed keep their state, keys that are not available are masked;
+- removed (inference): at each layer only the computed tokens are gathered
+  as queries, and only the available ones as keys/values (padded to the
+  batch's largest count), the results scattered back; images whose CLS has
+  halted leave the batch.
+The parameters are exactly the backbone's: a DeiT checkpoint loads as is.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from tpcrepro import flops
+from tpcrepro.models import controller as ctl
+from tpcrepro.models.stabilizer import attention
+
+STAT_KEYS = ("n_q", "n_kv", "paused", "halted", "restarted")
+
+
+def block_forward(blk: Block, x_q: torch.Tensor, x_kv: Optional[torch.Tensor], valid: Optional[torch.Tensor],
+                  kappa: Optional[int]) -> torch.Tensor:
+    """A timm pre-norm block for queries x_q [B, Nq, C] over keys/values x_kv [B, Nk, C] (None: x_q).
+
+    valid: bool [B, Nq|1, Nk], True where a query may use a key; None = all.
+    """
+    a = blk.attn
+    b, nq, c = x_q.shape
+    h = blk.norm1(x_q)
+    if x_kv is None:
+        q, k, v = a.qkv(h).reshape(b, nq, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    else:
+        hk = blk.norm1(x_kv)
+        bias = a.qkv.bias
+        q = F.linear(h, a.qkv.weight[:c], None if bias is None else bias[:c])
+        kv = F.linear(hk, a.qkv.weight[c:], None if bias is None else bias[c:])
+        q = q.reshape(b, nq, a.num_heads, a.head_dim).transpose(1, 2)
+        k, v = kv.reshape(b, -1, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = a.q_norm(q), a.k_norm(k)
+    o = attention(q, k, v, None if valid is None else valid[:, None], kappa, a.scale)
+    o = a.proj_drop(a.proj(a.norm(o.transpose(1, 2).reshape(b, nq, c))))
+    x = x_q + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+def layer_masked(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
+                 kappa: Optional[int]) -> torch.Tensor:
+    """All tokens in the tensor; only `computed` ones change. x [B, N, C]; masks [B, N]."""
+    valid = None
+    if not bool(kv.all()):  # each query may use the available keys, and itself (no empty softmax row)
+        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        valid = kv[:, None, :] | eye
+    new = block_forward(blk, x, None, valid, kappa)
+    return torch.where(computed[..., None], new, x)
+
+
+def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the True tokens first (order kept), cut to the largest count: ([B, n], valid [B, n])."""
+    n = int(mask.sum(1).max())
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
+    return idx, torch.gather(mask, 1, idx)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
+                  kappa: Optional[int]) -> torch.Tensor:
+    """Only computed tokens are queries and only `kv` tokens keys/values, gathered and padded."""
+    if bool(computed.all()):
+        return block_forward(blk, x, None, None, kappa)
+    idx_q, valid_q = _pack(computed)
+    idx_kv, valid_kv = _pack(kv)
+    new = block_forward(blk, _gather(x, idx_q), _gather(x, idx_kv), valid_kv[:, None, :], kappa)
+    new = torch.where(valid_q[..., None], new, _gather(x, idx_q))  # padded rows write back what was there
+    return x.scatter(1, idx_q[..., None].expand(-1, -1, x.shape[-1]), new)
+
+
+class TPCVisionTransformer(VisionTransformer):
+    """timm VisionTransformer whose blocks are driven by the token propagation controller.
+
+    forward(x [B, 3, H, W]) -> {"logits": [B, classes], "losses": {...} (training), "stats": {...}}.
+    """
+
+    def __init__(self, tpc: Optional[ctl.TPCCfg] = None, kappa: Optional[int] = None,
+                 inference: str = "removed", **kwargs):
+        super().__init__(**kwargs)
+        self.tpc = tpc or ctl.TPCCfg()
+        self.kappa = kappa
+        self.inference = inference
+        self.dims = flops.ViTDims.of(self)
+
+    # -- shared pieces
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self._pos_embed(self.patch_embed(x)))
+
+    def _head(self, cls_out: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_drop(self.fc_norm(self.norm(cls_out))))
+
+    def _decide(self, state, x, computed, last, is_cls):
+        p, r_tilde = ctl.gates(x, self.tpc)
+        b = p * r_tilde
+        b_hat = torch.ones_like(b) if last else ctl.regularize(b, computed, self.tpc)
+        state, w, halt = ctl.step(state, b_hat, p, r_tilde, computed, last, is_cls, self.tpc)
+        return state, w, halt, b, b_hat
+
+    def _is_cls(self, b: int, n: int, device) -> torch.Tensor:
+        is_cls = torch.zeros(b, n, dtype=torch.bool, device=device)
+        is_cls[:, : self.num_prefix_tokens] = True
+        return is_cls
+
+    def per_image_macs(self, stats: dict) -> torch.Tensor:
+        """Each image's MACs from its per-layer counts (n_q, n_kv, κ); the final norm runs on CLS only. [B]."""
+        return flops.per_image_vit_macs(self.dims, stats["n_q"], stats["n_kv"], self.kappa,
+                                        n_final=torch.ones_like(stats["n_q"][:, 0]))
+
+    @torch.no_grad()
+    def gate_report(self, x: torch.Tensor) -> dict:
+        """Gate statistics at the current weights: can the controller learn from here?
+
+        σ(γ·t − β) has no gradient unless the gate channels reach about β/γ;
+        below a largest break probability of ~1e-6 nothing halts and the
+        ponder and distribution losses give no signal.
+        """
+        was = self.training
+        self.eval()
+        t = self._embed(x)
+        chans = []
+        for blk in self.blocks[:-1]:
+            t = blk(t)
+            chans.append(t[..., list(self.tpc.gate_dims)].float().amax(dim=(0, 1)))
+        out = self.forward_masked(x)["stats"]["max_break"].item()
+        self.train(was)
+        peak = torch.stack(chans).amax(0).tolist()
+        return {"max_break": out, "gate_channel_max": peak, "centre": self.tpc.beta / self.tpc.gamma}
+
+    # -- masked form (training, and inference: masked)
+    def forward_masked(self, x: torch.Tensor, trace: Optional[list] = None) -> dict:
+        """trace, if given, receives per layer {x, computed, paused, halted} ([B, N(, C)]) for inspection."""
+        x = self._embed(x)
+        bsz, n, _ = x.shape
+        state = ctl.TokenState.start(bsz, n, x.device)
+        is_cls = self._is_cls(bsz, n, x.device)
+        out = torch.zeros_like(x)
+        ws, bhs, comps, rows = [], [], [], {k: [] for k in STAT_KEYS}
+        was_paused = torch.zeros_like(is_cls)
+        max_break = x.new_zeros(())
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            computed, paused = state.computed(), state.paused()
+            alive = ~state.halted[:, :1]  # after its CLS halts an image's output is final: inference stops there
+            kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
+            x = layer_masked(blk, x, computed, kv, self.kappa)
+            state, w, halt, b, b_hat = self._decide(state, x, computed, last, is_cls)
+            if trace is not None:
+                trace.append({"x": x.detach(), "computed": computed, "paused": paused, "halted": halt})
+            if not last:
+                max_break = torch.maximum(max_break, (b * computed).max().detach())
+            if last:
+                state, w_end = ctl.finish(state)
+                w = w + w_end
+            out = out + w[..., None] * x
+            ws.append(w), bhs.append(b_hat), comps.append(computed)
+            for key, m in zip(STAT_KEYS, (computed, kv, paused, halt, computed & was_paused)):
+                rows[key].append((m & alive).sum(1))
+            was_paused = paused
+        stats = {k: torch.stack(v, 1) for k, v in rows.items()}
+        stats["max_break"] = max_break
+        result = {"logits": self._head(out[:, 0]), "stats": stats}
+        if self.training:
+            stack = lambda t: torch.stack(t, 1)  # noqa: E731  [B, L, N]
+            result["losses"] = ctl.losses(state.rho, stack(ws), stack(bhs), stack(comps), self.tpc)
+        return result
+
+    # -- removed form (inference)
+    @torch.no_grad()
+    def forward_removed(self, x: torch.Tensor) -> dict:
+        x = self._embed(x)
+        bsz, n, c = x.shape
+        state = ctl.TokenState.start(bsz, n, x.device)
+        is_cls = self._is_cls(bsz, n, x.device)
+        depth = len(self.blocks)
+        rows = torch.arange(bsz, device=x.device)  # original batch index of each image still running
+        acc = torch.zeros(bsz, c, device=x.device, dtype=x.dtype)
+        final = torch.zeros(bsz, c, device=x.device, dtype=x.dtype)
+        stats = {k: torch.zeros(bsz, depth, dtype=torch.long, device=x.device) for k in STAT_KEYS}
+        was_paused = torch.zeros_like(is_cls)
+        for i, blk in enumerate(self.blocks):
+            last = i == depth - 1
+            computed, paused = state.computed(), state.paused()
+            kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
+            x = layer_removed(blk, x, computed, kv, self.kappa)
+            state, w, halt, _, _ = self._decide(state, x, computed, last, is_cls)
+            acc = acc + w[:, :1] * x[:, 0]
+            for key, m in zip(STAT_KEYS, (computed, kv, paused, halt, computed & was_paused)):
+                stats[key][rows, i] = m.sum(1)
+            was_paused = paused
+            done = state.halted[:, 0]
+            if bool(done.any()) or last:
+                final[rows[done | last]] = acc[done | last]
+                keep = ~done
+                x, acc, rows, is_cls, was_paused = x[keep], acc[keep], rows[keep], is_cls[keep], was_paused[keep]
+                state = state.index(keep)
+                if not len(rows):
+                    break
+        return {"logits": self._head(final), "stats": stats}
+
+    def forward(self, x: torch.Tensor) -> dict:
+        if self.training or self.inference == "masked":
+            result = self.forward_masked(x)
+        else:
+            result = self.forward_removed(x)
+        result["stats"]["macs"] = self.per_image_macs(result["stats"])
+        return result
+
+
+def _make(variant: dict, pretrained: bool, kwargs: dict) -> TPCVisionTransformer:
+    if pretrained:
+        raise ValueError("TPC models load their backbone's weights: set model.pretrained to a DeiT checkpoint file")
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
+    return TPCVisionTransformer(**{**variant, **kwargs})
+
+
+DEIT = {
+    "t": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+}
+
+
+@register_model
+def tpc_deit_t(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """TPC-DeiT-T: deit_tiny_patch16_224 with the token propagation controller."""
+    return _make(DEIT["t"], pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_s(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """TPC-DeiT-S: deit_small_patch16_224 with the token propagation controller."""
+    return _make(DEIT["s"], pretrained, kwargs)
+
+
+@register_model
+def tpc_deit_b(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """TPC-DeiT-B: deit_base_patch16_224 with the token propagation controller."""
+    return _make(DEIT["b"], pretrained, kwargs)
+
+
+@register_model
+def tpc_vit_smoke(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
+    """TPC on the smoke profile's ViT (vit_smoke_patch2_16's shape and initialisation)."""
+    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
+
+    return sincos_init_(_make(SMOKE_VIT, pretrained, kwargs))
