@@ -51,7 +51,8 @@ def test_list_statuses():
     assert rows[("table2", "deit_t")]["paper"] == "failed"
     assert rows[("table5", "deit_b")]["paper"] == "stale"
     assert rows[("table3", "tokenlearner")]["paper"] == "quoted"
-    assert rows[("table3", "ours")]["smoke"] == "no recipe"
+    assert rows[("table3", "ours")]["smoke"] == "missing"
+    assert rows[("table3", "dynamicvit_s")]["smoke"] == "no recipe"
 
 
 def test_latest_record_wins():
