@@ -65,3 +65,24 @@ def test_parse_override_reads_yaml_values():
 def test_missing_recipe_is_a_clear_error():
     with pytest.raises(UserError, match="does not exist"):
         load_recipe("smoke/nope")
+
+
+def test_hash_ignores_what_changes_no_result():
+    base = load_recipe("smoke/tpc").hash
+    for o in ("jobs=[train]", "data.workers=4", "eval.batch_size=7", "throughput.batch_size=3"):
+        assert load_recipe("smoke/tpc", [o]).hash == base, o
+    assert load_recipe("smoke/tpc", ["tpc.beta=3.0"]).hash != base
+
+
+def test_hash_follows_the_recipe_it_starts_from(tmp_path):
+    base = write(tmp_path, "base.yaml", "profile: smoke\ntrain: {lr: 0.5}\n")
+    child = write(tmp_path, "child.yaml", f"profile: smoke\nmodel: {{init_from: {base}}}\n")
+    before = load_recipe(str(child)).hash
+    base.write_text("profile: smoke\ntrain: {lr: 0.25}\n")
+    assert load_recipe(str(child)).hash != before
+
+
+def test_method_settings_are_validated(tmp_path):
+    for bad in ("tpc: {pause_span: 0}", "tpc: {xi: 2}", "stabilizer: {kappa: 0}", "tpc: {reuse: sometimes}"):
+        with pytest.raises(UserError):
+            load_recipe(str(write(tmp_path, "r.yaml", f"profile: smoke\n{bad}\n")))

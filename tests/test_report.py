@@ -60,4 +60,27 @@ def test_latest_record_wins():
     records.write_record(_rec("smoke/vit", "train", 0, {"top1": 2.0}, started="2026-01-02T00:00:00"))
     records.write_record(_rec("smoke/vit", "train", 0, {}, status_="failed", started="2026-01-03T00:00:00"))
     best = records.latest(records.load_records())
-    assert best[("smoke/vit", "smoke", "train", 0)].metrics["top1"] == 2.0
+    assert best[("smoke/vit", "smoke", "train", 0, load_recipe("smoke/vit").hash)].metrics["top1"] == 2.0
+
+
+def test_current_version_wins_over_a_newer_other_version(tmp_path):
+    r = load_recipe("smoke/vit")
+    records.write_record(_rec("smoke/vit", "train", 0, {"top1": 90.0}, started="2026-01-01T00:00:00"))
+    records.write_record(_rec("smoke/vit", "train", 0, {"top1": 10.0}, started="2026-02-01T00:00:00",
+                              recipe_hash="0123456789ab"))
+    from tpcrepro import runner
+
+    job = runner.Job(r, "train", 0)
+    assert runner.statuses([job])[0][1] == "done"
+    ours = report.collect("smoke/vit", "smoke", records.latest(records.load_records()))
+    assert ours.values["top1"] == [90.0] and not ours.stale
+
+
+def test_force_does_not_rerun_the_base_of_a_fine_tune():
+    from tpcrepro import runner
+
+    jobs = runner.plan([load_recipe("smoke/tpc")], [0, 1])
+    deps = [j for j in jobs if j.dependency]
+    assert [(j.recipe.id, j.seed) for j in deps] == [("smoke/vit", 0), ("smoke/vit", 1)]
+    assert jobs.index(deps[-1]) < min(jobs.index(j) for j in jobs if j.recipe.id == "smoke/tpc")
+    assert [j.seed for j in jobs if j.kind == "flops"] == [0]

@@ -183,3 +183,63 @@ def test_images_whose_cls_halted_stop_early():
         stats = tpc(images(8))["stats"]
     stopped = stats["n_q"] == 0
     assert stopped.any() and (stats["n_q"][:, 0] > 0).all()
+
+
+def test_fine_tuning_needs_the_finished_base_run():
+    from tpcrepro.errors import UserError
+    from tpcrepro.jobs import run_job
+    from tpcrepro.recipe import load_recipe
+
+    with pytest.raises(UserError, match="finished run of smoke/vit seed 0"):
+        run_job(load_recipe("smoke/tpc"), "train", seed=0)
+
+
+def test_tpc_smoke_training_logs_losses_tokens_and_mean_macs():
+    import json
+    import subprocess
+    import sys
+
+    from conftest import FAST
+    from tpcrepro.jobs import run_dir_for, run_job
+    from tpcrepro.recipe import load_recipe
+
+    r = load_recipe("smoke/tpc", FAST + ("train.epochs=1", "model.init_from=null", "tpc.beta=-0.5", "tpc.gamma=1.0"))
+    rec = run_job(r, "train", seed=0)
+    m = rec.metrics
+    assert 0 < m["macs"] < 30_235_584 and len(m["tokens_n_q"]) == 8 and m["gate_warning"] is False
+    row = json.loads((run_dir_for(r, 0) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"task_loss", "ponder_loss", "distribution_loss", "train_tokens_n_q", "tokens_paused"} <= set(row)
+    ckpt = run_dir_for(r, 0) / "checkpoint.pt"
+    proc = subprocess.run([sys.executable, "-m", "tpcrepro", "flops", "--checkpoint", str(ckpt), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    out = json.loads(proc.stdout)
+    assert out["n_images"] == 64 and out["macs"] == pytest.approx(m["macs"]) and out["tokens_n_q"] == m["tokens_n_q"]
+
+
+def test_benchmark_mode_schedule_and_record():
+    from tpcrepro import bench, flops, records
+    from tpcrepro.measure import bench as run_bench, write_bench_record
+
+    counts = bench.schedule(64, 12, 197, 119, spread=0.5)
+    assert counts.float().mean() == pytest.approx(119, abs=0.5) and counts.min() >= 60 and counts.max() <= 179
+    dims = flops.ViTDims.of(timm.create_model("deit_small_patch16_224"))
+    assert 115 <= bench.uniform_count(dims, 197, 2.8e9) <= 125
+    out = run_bench("tpc_vit_smoke", 15e6, None, 0.5, "cpu", 8, "fp32")
+    assert out["benchmark_mode"] and 1.5 < out["macs_ratio"] < 2.5
+    assert out["dense_ratio"] == 1.0 and out["removed_images_per_sec"] > 0
+    write_bench_record(out)
+    rec = records.load_records()[-1]
+    assert rec.profile == "bench" and rec.metrics["benchmark_mode"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_removed_form_on_cuda_matches_masked():
+    _, tpc = smoke_pair(ACTIVE, kappa=20)
+    tpc = tpc.cuda()
+    x = images(16).cuda()
+    with torch.no_grad():
+        removed = tpc(x)["logits"]
+        tpc.inference = "masked"
+        masked = tpc(x)["logits"]
+    assert torch.allclose(removed, masked, atol=1e-4)

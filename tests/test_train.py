@@ -32,7 +32,7 @@ def test_train_job_writes_checkpoint_metrics_and_record(tmp_path):
     run_dir = run_dir_for(r, 0)
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [0, 1]
-    assert not list(run_dir.glob(".ckpt.*"))  # no temp files left behind
+    assert not list(run_dir.glob(".*.tmp"))  # no temp files left behind
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch"} <= set(ckpt) and ckpt["epoch"] == 2
     saved = records.load_records()
@@ -96,11 +96,15 @@ def test_flops_job_record():
     assert abs(rec.metrics["macs"] / 30.2e6 - 1) < 0.01
 
 
-def test_two_process_ddp_with_gloo(tmp_path):
+@pytest.mark.parametrize("recipe,extra", [
+    ("smoke/vit", ()),
+    ("smoke/tpc", ("train.epochs=1", "model.init_from=null", "tpc.beta=-0.5", "tpc.gamma=1.0")),
+])
+def test_two_process_ddp_with_gloo(tmp_path, recipe, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517",
-           "-m", "tpcrepro", "job", "smoke/vit", "--kind", "train", "--seed", "0", "--device", "cpu"]
-    for o in FAST:
+           "-m", "tpcrepro", "job", recipe, "--kind", "train", "--seed", "0", "--device", "cpu"]
+    for o in FAST + extra:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

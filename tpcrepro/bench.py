@@ -28,8 +28,9 @@ def schedule(batch: int, depth: int, n_tokens: int, mean: int, spread: float = 0
     g = torch.Generator().manual_seed(seed)
     half = int(mean * spread)
     per_image = mean + torch.randint(-half, half + 1, (batch,), generator=g)
-    if batch > 1:  # make the batch mean exactly `mean`
-        per_image = per_image - (per_image.sum() - mean * batch) // batch
+    q, r = divmod(int(per_image.sum()) - mean * batch, batch)  # make the batch mean exactly `mean`
+    per_image -= q
+    per_image[:r] -= 1
     return per_image.clamp(1, n_tokens)[:, None].expand(batch, depth).contiguous()
 
 

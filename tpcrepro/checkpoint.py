@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +28,9 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: Path, state: dict) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from tpcrepro.records import atomic_write
+
+    atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 def load(path: Path) -> dict | None:

@@ -111,16 +111,30 @@ def list_(
 
 @app.command()
 def flops(
-    model: str = typer.Option(..., "--model", "-m", help="A timm or tpcrepro model name."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="A timm or tpcrepro model name."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A trained adaptive model's run checkpoint: "
+                                             "report the mean over evaluation images of each image's own MACs."),
+    data: Optional[str] = DataOpt,
+    device: Optional[str] = DeviceOpt,
     img_size: int = typer.Option(224, "--img-size"),
     num_classes: int = typer.Option(1000, "--num-classes"),
     in_chans: int = typer.Option(3, "--in-chans"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Params and MACs (fvcore, fused attention off; one MAC = one 'FLOP' as the literature counts)."""
+    """Params and MACs (one MAC = one 'FLOP' as the literature counts).
+
+    Static models: fvcore with fused attention off. Adaptive models (tpc_*): with --checkpoint, the mean over the
+    evaluation images (the digits for smoke runs, --data for ImageNet) of each image's own count from the analytic
+    counter, and the mean tokens computed per layer; without one, the all-tokens count, said so.
+    """
     from tpcrepro import measure
 
-    out = measure.static_flops(model, img_size, num_classes, in_chans)
+    if checkpoint:
+        out = measure.adaptive_flops(checkpoint, data, device)
+    elif model:
+        out = measure.static_flops(model, img_size, num_classes, in_chans)
+    else:
+        raise UserError("give --model NAME, or --checkpoint runs/<recipe>/<hash>/s<seed>/checkpoint.pt")
     typer.echo(json.dumps(out) if as_json else measure.describe_flops(out))
 
 
@@ -140,6 +154,32 @@ def throughput(
 
     out = measure.throughput(model, device, batch_size, precision, img_size, compile_, baseline)
     typer.echo(json.dumps(out) if as_json else measure.describe_throughput(out))
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("tpc_deit_s", "--model", "-m", help="A TPC model: tpc_deit_t|s|b or tpc_vit_smoke."),
+    macs: float = typer.Option(2.8e9, "--macs", help="Target mean MACs per image (the paper's DeiT-S point: 2.8e9)."),
+    kappa: Optional[int] = typer.Option(None, "--kappa", help="Stabilizer κ (default off)."),
+    spread: float = typer.Option(0.5, "--spread", help="Per-image token counts vary by ± this fraction of the mean."),
+    device: Optional[str] = DeviceOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 256 on CUDA, 32 on CPU."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp32."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Write a record to results/records."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Benchmark mode: time a TPC model at a fixed token schedule (random weights) against its dense backbone.
+
+    Speed depends on how many tokens each layer computes, not which: the schedule fixes the per-layer count per
+    image (varying around a mean chosen to hit --macs), and the removed form, the masked form and the dense
+    backbone are timed in one run. The record says benchmark_mode.
+    """
+    from tpcrepro import measure
+
+    out = measure.bench(model, macs, kappa, spread, device, batch_size, precision)
+    if record:
+        measure.write_bench_record(out)
+    typer.echo(json.dumps(out) if as_json else measure.describe_bench(out))
 
 
 @app.command()

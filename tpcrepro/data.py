@@ -192,7 +192,7 @@ def train_loader(ds: Dataset, batch_size: int, workers: int, aug: AugCfg, seed: 
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip,
         drop_last=len(ds) >= batch_size * world, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        persistent_workers=False,  # fresh workers each epoch draw their seeds from the reseeded main RNG: resumable
     )
 
 

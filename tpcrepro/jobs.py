@@ -5,7 +5,6 @@ This is what `tpcrepro job` runs, in this process or under torchrun.
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import torch
@@ -86,8 +85,9 @@ def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] =
     """Run one job and write its record (rank 0). A failure writes a 'failed' record, then raises."""
     d = distributed.init(device)
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe, seed)
-    if force and d.main and run_dir.exists() and kind == "train":
-        shutil.rmtree(run_dir)
+    if force and d.main and kind == "train":  # start over: drop this run's checkpoint and curve, nothing else
+        for name in ("checkpoint.pt", "metrics.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
     distributed.barrier(d)
     run_dir.mkdir(parents=True, exist_ok=True)
     started, t0 = records.now_iso(), time.perf_counter()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from tpcrepro import flops, speed, weights
 from tpcrepro.errors import UserError
+from tpcrepro.models import is_adaptive
 from tpcrepro.recipe import ModelCfg
 
 
@@ -18,9 +20,15 @@ def _model(name: str, img_size: int, num_classes: int = 1000, in_chans: int = 3)
 def static_flops(name: str, img_size: int = 224, num_classes: int = 1000, in_chans: int = 3) -> dict:
     """Params and fvcore MACs at batch 1; for plain ViTs also the analytic count as a cross-check."""
     model = _model(name, img_size, num_classes, in_chans)
-    out = {"model": name, "img_size": img_size, "params": flops.count_params(model),
-           "macs": flops.fvcore_macs(model, (in_chans, img_size, img_size)), "counter": "fvcore",
-           "note": "all tokens kept (static count)"}
+    out = {"model": name, "img_size": img_size, "params": flops.count_params(model)}
+    if is_adaptive(name):  # fvcore would trace one data-dependent path: count all tokens analytically
+        dims = flops.ViTDims.of(model)
+        n = dims.num_patches + model.num_prefix_tokens
+        out.update(macs=flops.vit_macs(dims, [n] * dims.depth, n_final=1), counter="analytic",
+                   note="all tokens computed (no checkpoint given: pass --checkpoint for the mean over images)")
+        return out
+    out.update(macs=flops.fvcore_macs(model, (in_chans, img_size, img_size)), counter="fvcore",
+               note="all tokens kept (static count)")
     try:
         dims = flops.ViTDims.of(model)
         n = dims.num_patches + model.num_prefix_tokens
@@ -30,15 +38,46 @@ def static_flops(name: str, img_size: int = 224, num_classes: int = 1000, in_cha
     return out
 
 
+def adaptive_flops(checkpoint: str, data_root: Optional[str], device: Optional[str]) -> dict:
+    """Mean over the evaluation images of each image's own MACs, for a trained adaptive model."""
+    from tpcrepro import data as data_mod
+    from tpcrepro import distributed
+    from tpcrepro.models import method_kwargs
+    from tpcrepro.recipe import load_recipe
+    from tpcrepro.train import evaluate
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if Path(checkpoint).is_file() else None
+    if not isinstance(state, dict) or "recipe" not in state:
+        raise UserError(f"{checkpoint} is not a tpcrepro checkpoint (runs/<recipe>/<hash>/s<seed>/checkpoint.pt)")
+    recipe = load_recipe(state["recipe"], tuple(state.get("overrides", ())))
+    model = weights.create(recipe.model.__class__(**{**recipe.model.__dict__, "pretrained": None, "init_from": None}),
+                           **method_kwargs(recipe))
+    model.load_state_dict(state["model"])
+    d = distributed.Dist(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ds = data_mod.build_datasets(recipe.data, recipe.model, data_root)
+    loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size, recipe.data.workers)
+    res = evaluate(model.to(d.device), loader, d)
+    static = static_flops(recipe.model.name, recipe.model.img_size, recipe.model.num_classes, recipe.model.in_chans)
+    return {"model": recipe.model.name, "recipe": recipe.id, "checkpoint": str(checkpoint), "params": static["params"],
+            "macs": res["macs"], "macs_all_tokens": static["macs"], "counter": "analytic, mean over images",
+            "n_images": res["n_val"], "top1": res["top1"],
+            **{k: v for k, v in res.items() if k.startswith("tokens_")}}
+
+
 def describe_flops(out: dict) -> str:
-    text = f"{out['model']} @ {out['img_size']} px: {out['params'] / 1e6:.3f} M params, {out['macs'] / 1e9:.3f} G MACs (fvcore)"
+    if "n_images" in out:
+        per_layer = " ".join(f"{v:.1f}" for v in out["tokens_n_q"])
+        return (f"{out['model']} ({out['checkpoint']}): {out['params'] / 1e6:.3f} M params, "
+                f"{out['macs'] / 1e9:.4f} G MACs mean over {out['n_images']} images "
+                f"({out['macs'] / out['macs_all_tokens']:.3f} of all tokens); tokens computed per layer: {per_layer}")
+    text = (f"{out['model']} @ {out['img_size']} px: {out['params'] / 1e6:.3f} M params, "
+            f"{out['macs'] / 1e9:.3f} G MACs ({out['counter']}; {out['note']})")
     if "analytic_macs" in out:
         text += f", analytic {out['analytic_macs'] / 1e9:.3f} G"
     return text
 
 
-def throughput(name: str, device: Optional[str], batch_size: Optional[int], precision: Optional[str],
-               img_size: int, compile_: bool, baseline: Optional[str]) -> dict:
+def protocol(device: Optional[str], batch_size: Optional[int], precision: Optional[str], compile_: bool) -> speed.Protocol:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is visible; use --device cpu")
@@ -46,6 +85,12 @@ def throughput(name: str, device: Optional[str], batch_size: Optional[int], prec
     p = speed.Protocol(device=device, **over) if device.startswith("cuda") else speed.Protocol.cpu_default(**over)
     if p.precision not in ("bf16", "fp32"):
         raise UserError(f"--precision must be bf16 or fp32, got {p.precision!r}")
+    return p
+
+
+def throughput(name: str, device: Optional[str], batch_size: Optional[int], precision: Optional[str],
+               img_size: int, compile_: bool, baseline: Optional[str]) -> dict:
+    p = protocol(device, batch_size, precision, compile_)
     names = [baseline, name] if baseline else [name]
     models = {n: _model(n, img_size) for n in dict.fromkeys(names)}
     res = speed.compare(models, (3, img_size, img_size), p)
@@ -64,3 +109,47 @@ def describe_throughput(out: dict) -> str:
     if "baseline" in out:
         text += f"; {out['ratio']:.2f}x {out['baseline']} ({out['baseline_images_per_sec']:.1f} images/s, same run)"
     return text
+
+
+def bench(name: str, target_macs: float, kappa: Optional[int], spread: float, device: Optional[str],
+          batch_size: Optional[int], precision: Optional[str]) -> dict:
+    """Benchmark mode: the dense backbone vs the TPC model at a fixed token schedule, in one run."""
+    from tpcrepro.bench import compare_at_macs
+    from tpcrepro.models.vit import BACKBONE
+
+    if name not in BACKBONE:
+        raise UserError(f"benchmark mode takes a TPC model ({', '.join(BACKBONE)}), got '{name}'")
+    p = protocol(device, batch_size, precision, False)
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(BACKBONE[name])  # its default size, classes and channels
+    model = timm.create_model(name, num_classes=backbone.num_classes, img_size=backbone.patch_embed.img_size,
+                              in_chans=backbone.patch_embed.proj.in_channels, kappa=kappa)
+    model.load_state_dict(backbone.state_dict())
+    res = compare_at_macs(model, backbone, target_macs, p, spread)
+    return {"model": name, "backbone": BACKBONE[name], "target_macs": target_macs, **res, "settings": speed.settings(p)}
+
+
+def describe_bench(out: dict) -> str:
+    s = out["settings"]
+    return (f"{out['model']} at {out['macs'] / 1e9:.3f} G MACs (mean {out['mean_tokens']} tokens per layer, ±{out['spread']:.0%} "
+            f"per image; benchmark mode, random weights) vs {out['backbone']} at {out['dense_macs'] / 1e9:.3f} G, "
+            f"batch {s['batch_size']} {s['precision']} on {s['device_name']}:\n"
+            f"  MACs ratio {out['macs_ratio']:.2f}x | removed {out['removed_ratio']:.2f}x "
+            f"({out['removed_images_per_sec']:.1f} img/s) | masked {out['masked_ratio']:.2f}x | dense "
+            f"{out['dense_images_per_sec']:.1f} img/s")
+
+
+def write_bench_record(out: dict) -> Path:
+    """A benchmark-mode record: recipe 'bench/<model>', profile 'bench' (never a table's profile)."""
+    from tpcrepro import records
+
+    s = out["settings"]
+    metrics = {k: v for k, v in out.items() if k not in ("settings", "model", "backbone")}
+    rec = records.Record(
+        recipe=f"bench/{out['model']}", recipe_hash="-", profile="bench", kind="throughput", seed=0, status="done",
+        metrics=metrics, settings={**s, "backbone": out["backbone"]}, overrides=[],
+        environment=records.environment(s["device"]), started_at=records.now_iso(), duration_s=0.0,
+    )
+    return records.write_record(rec)

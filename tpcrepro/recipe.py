@@ -102,6 +102,10 @@ class ThroughputCfg:
 class StabilizerCfg:
     kappa: Optional[int] = None  # top-κ attention; null = dense
 
+    def __post_init__(self):
+        if self.kappa is not None and self.kappa < 1:
+            raise ValueError(f"stabilizer.kappa must be at least 1 (or null for dense attention), got {self.kappa}")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -140,15 +144,24 @@ def _non_default(d: dict, default: dict) -> dict:
     return out
 
 
+# Settings that change no number a job reports (the throughput settings are kept in its record).
+_UNHASHED = ("description", "id", "overrides", "seed", "jobs", "eval", "throughput")
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of the settings that differ from the defaults (not the description, id or seed).
+    """Hash of the settings that differ from the defaults and change results.
 
     Hashing only what differs keeps hashes stable when new keys with
-    defaults are added; the code version is in every record's git commit.
+    defaults are added (the code version is in every record's git commit).
+    A recipe fine-tuned from another (`model.init_from`) includes that one's
+    hash: retraining the base makes it stale too.
     """
     d = _non_default(recipe.to_dict(), Recipe(profile=recipe.profile).to_dict())
-    for key in ("description", "id", "overrides", "seed"):
+    for key in _UNHASHED:
         d.pop(key, None)
+    d.get("data", {}).pop("workers", None)
+    if recipe.model.init_from:
+        d["init_from_hash"] = load_recipe(recipe.model.init_from).hash
     blob = json.dumps(d, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 from tpcrepro import __version__, paths
 
@@ -22,19 +22,23 @@ SCHEMA_VERSION = 1
 STATUSES = ("done", "failed")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename: never a partial file."""
+def atomic_write(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Write through `write(file)` into a temp file in the same directory, fsync, rename: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))
 
 
 def git_commit() -> str | None:
@@ -98,7 +102,7 @@ class Record:
     path: str | None = None  # where it was read from; not stored
 
     def key(self) -> tuple:
-        return (self.recipe, self.profile, self.kind, self.seed)
+        return (self.recipe, self.profile, self.kind, self.seed, self.recipe_hash)
 
     def to_json(self) -> str:
         d = {k: v for k, v in self.__dict__.items() if k != "path"}
@@ -144,7 +148,7 @@ def load_records(directory: Path | None = None) -> list[Record]:
 
 
 def latest(records: Iterable[Record], only_done: bool = True) -> dict[tuple, Record]:
-    """Newest record per (recipe, profile, kind, seed); by default only successful ones."""
+    """Newest record per (recipe, profile, kind, seed, recipe hash); by default only successful ones."""
     best: dict[tuple, Record] = {}
     for r in records:
         if only_done and r.status != "done":

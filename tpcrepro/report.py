@@ -50,6 +50,16 @@ def _fmt_hash_commit(recs: list[records.Record]) -> str:
 def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
     recipe = load_recipe(recipe_id)
     mine = [r for k, r in sorted(latest.items(), key=lambda kv: str(kv[0])) if k[0] == recipe_id and k[1] == profile]
+    current = [r for r in mine if r.recipe_hash == recipe.hash]
+    if current:
+        mine = current
+    else:  # only records of other recipe versions: show the newest per (kind, seed), marked stale
+        newest: dict = {}
+        for r in mine:
+            k = (r.kind, r.seed)
+            if k not in newest or r.started_at > newest[k].started_at:
+                newest[k] = r
+        mine = [newest[k] for k in sorted(newest)]
     if not mine:
         return None
     values: dict[str, list[float]] = {}

@@ -26,6 +26,7 @@ class Job:
     recipe: Recipe
     kind: str
     seed: int
+    dependency: bool = False  # planned only because a target recipe starts from it (--force does not rerun it)
 
     @property
     def label(self) -> str:
@@ -80,8 +81,8 @@ def plan(recipes: list[Recipe], seeds: list[int]) -> list[Job]:
     for r in recipes:
         if r.model.init_from:
             dep = load_recipe(r.model.init_from)
-            jobs += [Job(dep, "train", s) for s in seeds]
-        jobs += [Job(r, kind, s) for kind in r.jobs for s in (seeds[:1] if kind in SEED_FREE_KINDS else seeds)]
+            jobs += [Job(dep, "train", s, dependency=True) for s in seeds]
+        jobs += [Job(r, kind, s) for kind in r.jobs for s in ([0] if kind in SEED_FREE_KINDS else seeds)]
     seen, out = set(), []
     for j in jobs:
         key = (j.recipe.id, j.recipe.hash, j.kind, j.seed)
@@ -92,13 +93,14 @@ def plan(recipes: list[Recipe], seeds: list[int]) -> list[Job]:
 
 
 def job_status(job: Job, latest_any: dict, latest_done: dict) -> str:
-    """done | stale (done for another recipe version) | failed | missing."""
-    key = (job.recipe.id, job.recipe.profile, job.kind, job.seed)
-    done = latest_done.get(key)
-    if done is not None:
-        return "done" if done.recipe_hash == job.recipe.hash else "stale"
+    """done | failed | stale (done only for another recipe version) | missing."""
+    key = (job.recipe.id, job.recipe.profile, job.kind, job.seed, job.recipe.hash)
+    if key in latest_done:
+        return "done"
     last = latest_any.get(key)
-    return "failed" if last is not None and last.status == "failed" else "missing"
+    if last is not None and last.status == "failed":
+        return "failed"
+    return "stale" if any(k[:4] == key[:4] for k in latest_done) else "missing"
 
 
 def statuses(jobs: list[Job]) -> list[tuple[Job, str]]:
@@ -148,17 +150,18 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
     """Run the jobs that are not done (all with force); return counts by outcome."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
     for i, (job, status) in enumerate(statuses(jobs), 1):
-        if status == "done" and not force:
+        forced = force and not job.dependency
+        if status == "done" and not forced:
             counts["skipped"] += 1
             if not dry_run:
                 log(f"[dim]skip[/] {job.label} (done; --force reruns)")
             continue
         if dry_run:
-            print(shlex.join(job_command(job, launch, force)))
+            print(shlex.join(job_command(job, launch, forced)))
             continue
         log(f"[bold]job {i}/{len(jobs)}[/] {job.label} ({status})")
         try:
-            execute(job, launch, force)
+            execute(job, launch, forced)
             counts["done"] += 1
         except UserError as e:
             counts["failed"] += 1

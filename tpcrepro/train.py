@@ -26,6 +26,7 @@ from tpcrepro import distributed
 from tpcrepro.errors import UserError
 from tpcrepro.progress import EpochProgress, log
 from tpcrepro.recipe import Recipe, TrainCfg
+from tpcrepro.stats import StatSum
 
 GATE_WARN = 1e-6  # below this largest break probability the controller cannot learn
 StepHook = Callable[[int, int], None]  # (epoch, step) -> None; may raise to stop
@@ -81,43 +82,6 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
             "n_val": int(total), "val_skipped": int(skipped), **token_stats.means(d)}
 
 
-class StatSum:
-    """Sums of an adaptive model's per-image stats ([B] or [B, L] tensors) -> means over images.
-
-    `macs` [B] (each image's own MACs) gives the mean MACs; per-layer counts
-    give mean tokens per layer (`n_q`: computed, `n_kv`: keys, `paused`,
-    `halted`, `restarted`). Exact under DDP.
-    """
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.n = 0
-
-    def add(self, stats: dict) -> None:
-        per_image = {k: v for k, v in stats.items() if torch.is_tensor(v) and v.dim() >= 1}
-        if not per_image:
-            return
-        self.n += len(next(iter(per_image.values())))
-        for k, v in per_image.items():
-            v = v.detach().double().sum(0).cpu()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-
-    def means(self, d: distributed.Dist, prefix: str = "") -> dict:
-        if not self.sums:
-            return {}
-        keys = sorted(self.sums)
-        flat = torch.cat([self.sums[k].flatten() for k in keys]).tolist()
-        flat = distributed.all_sum(flat + [float(self.n)], d)
-        n, out, i = flat[-1], {}, 0
-        for k in keys:
-            size = self.sums[k].numel()
-            vals = [v / n for v in flat[i:i + size]]
-            i += size
-            name = prefix + ("macs" if k == "macs" else f"tokens_{k}")
-            out[name] = vals[0] if self.sums[k].dim() == 0 else vals
-        return out
-
-
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseed at each epoch start, so a resumed run draws exactly what an unbroken one draws."""
     import random
@@ -128,6 +92,18 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
     np.random.seed(s % 2**32)
     random.seed(s)
+
+
+def epoch_line(epoch: int, epochs: int, row: dict) -> str:
+    """One console line per epoch; for controllers also their losses and the tokens computed/paused per layer."""
+    text = f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  top1 {row['top1']:.2f}  {row['train_images_per_sec']:.0f} img/s"
+    if "ponder_loss" in row:
+        text += f"  task {row['task_loss']:.4f} ponder {row['ponder_loss']:.4f} dist {row['distribution_loss']:.4f}"
+    if "tokens_n_q" in row:
+        fmt = lambda v: " ".join(f"{x:.0f}" for x in v)  # noqa: E731
+        text += f"\n  val tokens computed/layer [{fmt(row['tokens_n_q'])}] paused [{fmt(row['tokens_paused'])}]"
+        text += f" restarted [{fmt(row['tokens_restarted'])}]  MACs {row['macs'] / 1e6:.2f} M"
+    return text
 
 
 class Fit:
@@ -174,6 +150,7 @@ class Fit:
     def state(self, epoch: int) -> dict:
         return {
             "epoch": epoch, "recipe": self.recipe.id, "recipe_hash": self.recipe.hash, "seed": self.seed,
+            "overrides": list(self.recipe.overrides),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.module.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
@@ -202,7 +179,7 @@ class Fit:
 
     def _truncate_metrics(self, epochs_done: int) -> None:
         path = self.run_dir / "metrics.jsonl"
-        if path.exists():
+        if self.d.main and path.exists():
             keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < epochs_done]
             path.write_text("".join(ln + "\n" for ln in keep))
 
@@ -211,8 +188,8 @@ class Fit:
         d, cfg = self.d, self.cfg
         self.ddp.train()
         _seed_epoch(self.seed, epoch, d.rank)
-        if hasattr(self.train_loader.sampler, "set_epoch"):
-            self.train_loader.sampler.set_epoch(epoch)
+        if hasattr(self.train_loader.sampler, "set_epoch"):  # the offset gives each seed its own order
+            self.train_loader.sampler.set_epoch(epoch + 100003 * self.seed)
         sums: dict[str, float] = {}
         token_stats = StatSum()
         images, skipped, t0 = 0, 0, time.perf_counter()
@@ -247,7 +224,10 @@ class Fit:
             logits, losses, stats = split_output(self.ddp(x))
             task = self.criterion(logits.float(), y)
             loss = task + sum(losses.values()) if losses else task
-        if not torch.isfinite(loss):
+        bad = not bool(torch.isfinite(loss))
+        if d.world > 1:  # every rank must stop together, or the others hang in the next all-reduce
+            bad = distributed.all_sum([float(bad)], d)[0] > 0
+        if bad:
             raise UserError(
                 f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or set train.clip_grad "
                 f"(the last good checkpoint is kept in {self.run_dir})"
@@ -293,18 +273,17 @@ class Fit:
         resumed = self.resume()
         if resumed and d.main:
             log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.epochs}")
-        gates = self.gate_report()
+        gates = self.gate_report() if self.start_epoch == 0 else {}
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, self.cfg.epochs):
-            row = {"epoch": epoch, **self.train_epoch(epoch, hook), **evaluate(self.ddp, self.val_loader, d, self.cfg)}
+            row = {"epoch": epoch, **self.train_epoch(epoch, hook), **evaluate(self.model, self.val_loader, d, self.cfg)}
             if d.main:
                 with (self.run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 ckpt.save(self.ckpt_path, self.state(epoch + 1))
-                log(f"epoch {epoch + 1}/{self.cfg.epochs}  loss {row['loss']:.4f}  top1 {row['top1']:.2f}  "
-                    f"{row['train_images_per_sec']:.0f} img/s")
+                log(epoch_line(epoch, self.cfg.epochs, row))
             distributed.barrier(d)
-        final = evaluate(self.ddp, self.val_loader, d, self.cfg)
+        final = evaluate(self.model, self.val_loader, d, self.cfg)
         if self.ema:
             final.update({f"{k}_ema": v for k, v in evaluate(self.ema.module, self.val_loader, d, self.cfg).items()
                           if k in ("top1", "top5")})

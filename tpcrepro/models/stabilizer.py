@@ -31,7 +31,7 @@ def nearest_keys(q: torch.Tensor, k: torch.Tensor, kappa: int, valid: Optional[t
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor] = None,
-              kappa: Optional[int] = None, scale: Optional[float] = None) -> torch.Tensor:
+              kappa: Optional[int] = None, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q·kᵀ·scale) · v over the allowed keys. [B, H, Nq, D] -> [B, H, Nq, D].
 
     valid: bool broadcastable to [B, H, Nq, Nk] (True = the key may be used);
@@ -40,7 +40,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional
     mask = valid
     if kappa is not None and kappa < k.shape[-2]:
         mask = nearest_keys(q, k, kappa, valid)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def reference_attention(q, k, v, valid=None, kappa=None, scale=None) -> torch.Tensor:

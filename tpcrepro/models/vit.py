@@ -45,7 +45,8 @@ def block_forward(blk: Block, x_q: torch.Tensor, x_kv: Optional[torch.Tensor], v
         q = q.reshape(b, nq, a.num_heads, a.head_dim).transpose(1, 2)
         k, v = kv.reshape(b, -1, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
     q, k = a.q_norm(q), a.k_norm(k)
-    o = attention(q, k, v, None if valid is None else valid[:, None], kappa, a.scale)
+    drop = a.attn_drop.p if blk.training else 0.0
+    o = attention(q, k, v, None if valid is None else valid[:, None], kappa, a.scale, drop)
     o = a.proj_drop(a.proj(a.norm(o.transpose(1, 2).reshape(b, nq, c))))
     x = x_q + blk.drop_path1(blk.ls1(o))
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
@@ -230,6 +231,8 @@ def _make(variant: dict, pretrained: bool, kwargs: dict) -> TPCVisionTransformer
     return TPCVisionTransformer(**{**variant, **kwargs})
 
 
+BACKBONE = {"tpc_deit_t": "deit_tiny_patch16_224", "tpc_deit_s": "deit_small_patch16_224",
+            "tpc_deit_b": "deit_base_patch16_224", "tpc_vit_smoke": "vit_smoke_patch2_16"}
 DEIT = {
     "t": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
     "s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
