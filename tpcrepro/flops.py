@@ -29,8 +29,24 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sdpa_macs(inputs, outputs) -> int:
+    """fvcore handle for aten::scaled_dot_product_attention: QKᵀ and A·V, dense (a mask is not seen)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    batch = 1
+    for s in q[:-2]:
+        batch *= s
+    return 2 * batch * q[-2] * k[-2] * q[-1]
+
+
 def fvcore_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
-    """fvcore's count for one input of `input_shape` ([C, H, W]), fused attention off."""
+    """fvcore's count for one input of `input_shape` ([C, H, W]).
+
+    timm's fused attention is switched off (its matmuls are then counted);
+    tpcrepro's own blocks call scaled_dot_product_attention, counted by a
+    handle as dense QKᵀ and A·V.
+    """
     import warnings
 
     from fvcore.nn import FlopCountAnalysis
@@ -40,6 +56,7 @@ def fvcore_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore's use of torch.jit
         fca = FlopCountAnalysis(model, x).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        fca = fca.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
         return int(fca.total())
 
 
@@ -67,7 +84,7 @@ class ViTDims:
         )
 
 
-def block_macs(n_q, n_kv, dim: int, mlp_hidden: int, kappa: Optional[int] = None):
+def block_macs(n_q, n_kv, dim: int, mlp_hidden: int, kappa: Optional[int] = None, n_mlp=None):
     """One pre-norm ViT block with n_q tokens computed (queries) and n_kv keys/values.
 
     norm1 runs on every token that enters attention (5 MACs per element, as
@@ -76,8 +93,11 @@ def block_macs(n_q, n_kv, dim: int, mlp_hidden: int, kappa: Optional[int] = None
     projection, norm2 and MLP run on the queries only. The top-κ ranking is
     comparisons, not MACs. With n_q = n_kv = N and κ off this is fvcore's
     (4 + 2r)·N·C² + 2·N²·C + 10·N·C. Counts may be ints or integer tensors.
+    n_mlp (default n_q): tokens left for norm2 and the MLP when a method
+    prunes between attention and MLP (EViT, ToMe).
     """
     c = dim
+    n_mlp = n_q if n_mlp is None else n_mlp
     if kappa is None:
         keys_used = n_kv
     else:
@@ -87,8 +107,8 @@ def block_macs(n_q, n_kv, dim: int, mlp_hidden: int, kappa: Optional[int] = None
         + n_q * c * c + 2 * n_kv * c * c
         + n_q * n_kv * c + n_q * keys_used * c
         + n_q * c * c
-        + 5 * n_q * c
-        + 2 * n_q * c * mlp_hidden
+        + 5 * n_mlp * c
+        + 2 * n_mlp * c * mlp_hidden
     )
 
 

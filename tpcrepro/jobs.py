@@ -36,6 +36,8 @@ def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[s
         path = init_checkpoint(recipe.model.init_from, seed)
         weights.load_weights(model, path)
         settings["init_from"] = str(path)
+    if hasattr(model, "attach_teacher"):  # distillation from the frozen starting weights (DynamicViT)
+        model.attach_teacher()
     fit = Fit(recipe, model, run_dir, d, data_root, seed)
     return fit.run(hook), settings
 

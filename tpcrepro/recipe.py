@@ -21,6 +21,8 @@ import yaml
 from tpcrepro import paths
 from tpcrepro.errors import UserError
 from tpcrepro.models.controller import TPCCfg
+from tpcrepro.models.dynamicvit import DynamicViTCfg
+from tpcrepro.models.evit import EViTCfg
 
 PROFILES = ("smoke", "paper")
 JOB_KINDS = ("train", "flops", "throughput")
@@ -118,7 +120,9 @@ class Recipe:
     train: TrainCfg = field(default_factory=TrainCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
-    tpc: TPCCfg = field(default_factory=TPCCfg)
+    tpc: TPCCfg = field(default_factory=TPCCfg)  # also A-ViT's configuration of the same controller
+    evit: EViTCfg = field(default_factory=EViTCfg)
+    dynamicvit: DynamicViTCfg = field(default_factory=DynamicViTCfg)
     stabilizer: StabilizerCfg = field(default_factory=StabilizerCfg)
     # Filled by the loader, not by YAML.
     id: str = ""

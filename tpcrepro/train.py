@@ -94,6 +94,21 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     random.seed(s)
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in named groups (a model's `optimizer_groups()`, else one group), no decay on 1-D."""
+    named = model.optimizer_groups() if hasattr(model, "optimizer_groups") else {
+        "all": [p for p in model.parameters() if p.requires_grad]}
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # timm: pos_embed, cls_token
+    no_decay = {id(p) for n, p in model.named_parameters() if n in skip or p.ndim <= 1}
+    groups = []
+    for name, params in named.items():
+        split = ((weight_decay, [p for p in params if id(p) not in no_decay]), (0.0, [p for p in params if id(p) in no_decay]))
+        for decay, ps in split:
+            if ps:
+                groups.append({"params": ps, "weight_decay": decay, "name": name})
+    return groups
+
+
 def epoch_line(epoch: int, epochs: int, row: dict) -> str:
     """One console line per epoch; for controllers also their losses and the tokens computed/paused per layer."""
     text = f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  top1 {row['top1']:.2f}  {row['train_images_per_sec']:.0f} img/s"
@@ -128,7 +143,8 @@ class Fit:
         self.model = model.to(d.device)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[d.local_rank]
                     if d.device.startswith("cuda") else None) if d.world > 1 else self.model)
-        self.optimizer = create_optimizer_v2(self.model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = create_optimizer_v2(param_groups(self.model, cfg.weight_decay), opt=cfg.optimizer, lr=cfg.lr,
+                                             weight_decay=cfg.weight_decay)
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.scheduler = CosineLRScheduler(
             self.optimizer, t_initial=max(1, cfg.epochs * self.steps_per_epoch), lr_min=cfg.min_lr,
@@ -187,6 +203,11 @@ class Fit:
     def train_epoch(self, epoch: int, hook: Optional[StepHook]) -> dict:
         d, cfg = self.d, self.cfg
         self.ddp.train()
+        if hasattr(self.model, "set_epoch"):  # schedules inside a method (EViT's keep-rate warm-up)
+            self.model.set_epoch(epoch)
+        if hasattr(self.model, "lr_scale"):  # per-group lr (DynamicViT: backbone 0.01x, frozen at first)
+            for g in self.optimizer.param_groups:
+                g["lr_scale"] = self.model.lr_scale(g["name"], epoch)
         _seed_epoch(self.seed, epoch, d.rank)
         if hasattr(self.train_loader.sampler, "set_epoch"):  # the offset gives each seed its own order
             self.train_loader.sampler.set_epoch(epoch + 100003 * self.seed)

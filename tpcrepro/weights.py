@@ -80,7 +80,8 @@ def load_state(model: torch.nn.Module, sd: dict, path: object) -> None:
         raise UserError(f"weights in {path} do not fit {type(model).__name__}: '{wrong[0]}' is "
                         f"{tuple(sd[wrong[0]].shape)} there, {tuple(own[wrong[0]].shape)} here; check model.name")
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in dropped]
+    new = tuple(getattr(model, "new_parameter_prefixes", ()))  # a method's own modules, absent from backbone weights
+    missing = [k for k in missing if k not in dropped and not (new and k.startswith(new))]
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"weights in {path} do not fit {type(model).__name__}: {what}; check model.name")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from tpcrepro.models import smoke  # noqa: F401  (registers vit_smoke_*)
 from tpcrepro.models import vit  # noqa: F401  (registers tpc_deit_*, tpc_vit_smoke)
+from tpcrepro.models import avit, dynamicvit, evit  # noqa: F401,E402  (registers avit_*, dynamicvit_*, evit_*)
 
-ADAPTIVE_PREFIXES = ("tpc_",)
+ADAPTIVE_PREFIXES = ("tpc_", "avit_")  # per-image token counts: MACs are a mean over images
+# model-name prefix -> the recipe sections its constructor takes
+METHOD_SECTIONS = {"tpc_": ("tpc",), "avit_": ("tpc",), "evit_": ("evit",), "dynamicvit_": ("dynamicvit",)}
 
 
 def is_adaptive(name: str) -> bool:
@@ -17,8 +20,9 @@ def method_kwargs(recipe) -> dict:
     """The recipe sections a model family takes as constructor arguments."""
     from tpcrepro.errors import UserError
 
-    if recipe.model.name.startswith("tpc_"):
-        return {"tpc": recipe.tpc, "kappa": recipe.stabilizer.kappa}
+    for prefix, sections in METHOD_SECTIONS.items():
+        if recipe.model.name.startswith(prefix):
+            return {**{s: getattr(recipe, s) for s in sections}, "kappa": recipe.stabilizer.kappa}
     if recipe.stabilizer.kappa is not None:
         raise UserError(f"stabilizer.kappa is set but {recipe.model.name} has no stabilizer; remove the key")
     return {}

@@ -1,0 +1,122 @@
+"""The compared methods: A-ViT, EViT, DynamicViT on DeiT, against their published facts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+import tpcrepro.models  # noqa: F401
+from tpcrepro import flops
+from tpcrepro.models import controller as ctl
+from tpcrepro.models.avit import AVIT_S
+from tpcrepro.models.dynamicvit import DynamicViTCfg
+from tpcrepro.models.evit import EViTCfg
+
+SMOKE = dict(num_classes=10, in_chans=1, img_size=16)
+
+
+def deit_pair(name, **kw):
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_small_patch16_224").eval()
+    m = timm.create_model(name, **kw).eval()
+    missing, unexpected = m.load_state_dict(deit.state_dict(), strict=False)
+    assert not unexpected
+    return deit, m
+
+
+def test_evit_deit_s_counts_and_macs():
+    m = timm.create_model("evit_deit_s").eval()
+    attn, mlp = m.token_counts()
+    assert [attn[i] for i in (0, 4, 7, 10)] == [197, 140, 100, 72]
+    macs = m.macs()
+    assert macs == flops.fvcore_macs(m, (3, 224, 224))
+    assert abs(macs / 3.0e9 - 1) < 0.02
+
+
+def test_dynamicvit_deit_s_counts_macs_params():
+    m = timm.create_model("dynamicvit_deit_s").eval()
+    assert m.keep_counts() == [137, 96, 67]
+    macs = m.macs()
+    assert macs == flops.fvcore_macs(m, (3, 224, 224))
+    assert abs(macs / 2.9e9 - 1) < 0.04
+    assert abs(flops.count_params(m) / 22.8e6 - 1) < 0.005
+
+
+@pytest.mark.parametrize("name,kw", [("evit_deit_s", {"evit": EViTCfg(keep_rate=1.0)}),
+                                     ("dynamicvit_deit_s", {"dynamicvit": DynamicViTCfg(keep_rate=1.0)})])
+def test_keeping_everything_is_the_backbone(name, kw):
+    deit, m = deit_pair(name, **kw)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = m(x)
+        logits = out["logits"] if isinstance(out, dict) else out
+        assert torch.allclose(logits, deit(x), atol=1e-4)
+
+
+def test_dynamicvit_training_and_inference_paths_keep_the_same_tokens():
+    torch.manual_seed(0)
+    m = timm.create_model("dynamicvit_vit_smoke", **SMOKE).eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        masked, removed = m.forward_masked(x, deterministic=True), m.forward_removed(x)
+    assert torch.allclose(masked["logits"], removed["logits"], atol=1e-5)
+    for dec, idx in zip(masked["decisions"], removed["kept_index"]):
+        for b in range(len(x)):
+            assert set(dec[b].nonzero().flatten().tolist()) == set(idx[b].tolist())
+
+
+def test_dynamicvit_training_losses_and_frozen_backbone_schedule():
+    torch.manual_seed(0)
+    m = timm.create_model("dynamicvit_vit_smoke", **SMOKE)
+    m.attach_teacher()
+    m.train()
+    out = m(torch.randn(8, 1, 16, 16))
+    assert {"ratio", "distill_cls", "distill_tokens"} == set(out["losses"])
+    sum(out["losses"].values()).backward()
+    assert m.predictors[0].out_conv[0].weight.grad.abs().sum() > 0  # straight-through reaches the predictor
+    assert m.lr_scale("backbone", 0) == 0.0 and m.lr_scale("backbone", 5) == 0.01 and m.lr_scale("predictor", 0) == 1
+    assert not m.pos_embed.requires_grad and not m.cls_token.requires_grad
+    assert sum(p.numel() for p in m.parameters()) == flops.count_params(m)  # the teacher is not a submodule
+
+
+def test_avit_halting_rule_on_a_hand_made_example():
+    """PEERS: h = σ(10·t₀ − centre); c += h; halt once c ≥ 0.99; weights h then the remainder; ρ = layers + R."""
+    hs = [0.3, 0.5, 0.4]
+    centre = AVIT_S.beta
+    state = ctl.TokenState.start(1, 2, "cpu")
+    is_cls = torch.tensor([[True, False]])
+    weights = []
+    for i, h in enumerate(hs):
+        t = torch.zeros(1, 2, 4)
+        t[..., 0] = (math.log(h / (1 - h)) + centre) / 10.0
+        p, rt = ctl.gates(t, AVIT_S)
+        assert torch.allclose(p, torch.tensor(h)) and torch.equal(rt, torch.ones_like(rt))
+        b_hat = ctl.regularize(p * rt, state.computed(), AVIT_S)  # no TDR: unchanged
+        state, w, halt = ctl.step(state, b_hat, p, rt, state.computed(), False, is_cls, AVIT_S)
+        weights.append(w[0, 1].item())
+    assert weights == pytest.approx([0.3, 0.5, 0.2])
+    assert bool(state.halted[0, 1]) and state.rho[0, 1].item() == pytest.approx(3.2)
+    assert int(state.pause_left.sum()) == 0  # A-ViT never pauses
+
+
+@pytest.mark.parametrize("name", ["avit_deit_s", "evit_deit_s", "dynamicvit_deit_s"])
+def test_every_method_takes_the_stabilizer(name):
+    m = timm.create_model(name, kappa=100).eval()
+    assert m.kappa == 100
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 224, 224))
+    logits = out["logits"] if isinstance(out, dict) else out
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("recipe", ["smoke/avit", "smoke/evit_stab", "smoke/dynamicvit"])
+def test_smoke_recipes_train(recipe):
+    from conftest import FAST
+    from tpcrepro.jobs import run_job
+    from tpcrepro.recipe import load_recipe
+
+    rec = run_job(load_recipe(recipe, FAST + ("train.epochs=1", "model.init_from=null")), "train", seed=0)
+    assert rec.status == "done" and rec.metrics["n_val"] == 64

@@ -1,0 +1,167 @@
+"""EViT (token reorganisation, ICLR'22) on timm's ViT/DeiT blocks: evit_deit_{t,s,b}, evit_vit_smoke.
+
+At the pruning blocks (0-based 3, 6, 9 for 12 blocks), between attention and
+MLP: rank the patch tokens by the CLS row of that block's attention,
+averaged over heads; keep ceil(keep_rate·(N − 1)); fuse the rest into one
+token, their sum weighted by their (not renormalised) CLS attention,
+appended at the end. Tokens are really removed, in training and inference,
+with the same count for every image (DeiT-S at 0.7: 197 → 140 → 100 → 72).
+The keep rate can be warmed up from 1 (cosine, per epoch), as in EViT's
+training from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from tpcrepro import flops
+from tpcrepro.models.stabilizer import nearest_keys
+from tpcrepro.models.vit import block_forward
+
+
+@dataclass(frozen=True)
+class EViTCfg:
+    keep_rate: float = 0.7
+    locations: tuple = (3, 6, 9)  # 0-based blocks that prune
+    fuse: bool = True  # fuse the dropped tokens into one
+    shrink_start: int = 0  # epoch at which the keep rate starts to fall from 1 (EViT from scratch: 10)
+    shrink_epochs: int = 0  # epochs of the cosine fall to keep_rate (EViT from scratch: 100); 0 = fixed
+
+    def __post_init__(self):
+        if not 0.0 < self.keep_rate <= 1.0:
+            raise ValueError(f"evit.keep_rate must be in (0, 1], got {self.keep_rate}")
+
+    def keep_rate_at(self, epoch: int) -> float:
+        if not self.shrink_epochs or epoch >= self.shrink_start + self.shrink_epochs:
+            return self.keep_rate if epoch >= self.shrink_start else 1.0
+        if epoch < self.shrink_start:
+            return 1.0
+        t = (epoch - self.shrink_start) / self.shrink_epochs
+        return self.keep_rate + (1.0 - self.keep_rate) * (math.cos(math.pi * t) + 1) / 2
+
+
+def kept_count(n_patches: int, keep_rate: float) -> int:
+    return math.ceil(keep_rate * n_patches)
+
+
+def reorganise_block(blk: Block, x: torch.Tensor, keep_rate: float, kappa: Optional[int], fuse: bool) -> torch.Tensor:
+    """One block that prunes between attention and MLP. [B, N, C] -> [B, 1 + k (+1), C]."""
+    a = blk.attn
+    b, n, c = x.shape
+    q, k, v = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = a.q_norm(q), a.k_norm(k)
+    logits = (q * a.scale) @ k.transpose(-2, -1)
+    if kappa is not None and kappa < n:
+        logits = logits.masked_fill(~nearest_keys(q, k, kappa), float("-inf"))
+    attn = a.attn_drop(logits.softmax(-1))
+    o = a.proj_drop(a.proj(a.norm((attn @ v).transpose(1, 2).reshape(b, n, c))))
+    x = x + blk.drop_path1(blk.ls1(o))
+    cls_attn = attn[:, :, 0, 1:].mean(1)  # [B, N-1]
+    keep = kept_count(n - 1, keep_rate)
+    if keep < n - 1:
+        order = cls_attn.argsort(dim=1, descending=True)
+        top, rest = order[:, :keep], order[:, keep:]
+        patches = x[:, 1:]
+        kept = torch.gather(patches, 1, top[..., None].expand(-1, -1, c))
+        parts = [x[:, :1], kept]
+        if fuse:
+            dropped = torch.gather(patches, 1, rest[..., None].expand(-1, -1, c))
+            weight = torch.gather(cls_attn, 1, rest)
+            parts.append(weight[:, None, :] @ dropped)  # [B, 1, C]: attention-weighted sum
+        x = torch.cat(parts, dim=1)
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+class EViT(VisionTransformer):
+    """timm VisionTransformer with EViT's token reorganisation. forward -> logits [B, classes]."""
+
+    def __init__(self, evit: Optional[EViTCfg] = None, kappa: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.evit = evit or EViTCfg()
+        self.kappa = kappa
+        self.keep_rate = self.evit.keep_rate
+        self.dims = flops.ViTDims.of(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the training loop at each epoch start (keep-rate warm-up)."""
+        self.keep_rate = self.evit.keep_rate_at(epoch)
+
+    def forward_features(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
+        for i, blk in enumerate(self.blocks):
+            if i in self.evit.locations and self.keep_rate < 1.0:
+                x = reorganise_block(blk, x, self.keep_rate, self.kappa, self.evit.fuse)
+            else:
+                x = block_forward(blk, x, None, None, self.kappa)
+        return self.norm(x)
+
+    def token_counts(self) -> tuple[list[int], list[int]]:
+        """Tokens entering attention and tokens entering the MLP, per block (the same for every image)."""
+        n = self.dims.num_patches + self.num_prefix_tokens
+        attn, mlp = [], []
+        for i in range(self.dims.depth):
+            attn.append(n)
+            if i in self.evit.locations and self.keep_rate < 1.0:
+                k = kept_count(n - 1, self.keep_rate)
+                if k < n - 1:
+                    n = 1 + k + int(self.evit.fuse)
+            mlp.append(n)
+        return attn, mlp
+
+    def macs(self) -> int:
+        """Analytic MACs: blocks at their counts, the fusion's weighted sums, patch embedding, final norm, head."""
+        attn, mlp = self.token_counts()
+        d = self.dims
+        c = d.embed_dim
+        total = d.num_patches * d.patch_dim * c + 5 * mlp[-1] * c + c * d.num_classes
+        for a_n, m_n in zip(attn, mlp):
+            total += flops.block_macs(a_n, a_n, c, d.mlp_hidden, self.kappa, n_mlp=m_n)
+            if self.evit.fuse and m_n < a_n:
+                total += (a_n - m_n + 1) * c  # the dropped tokens' weighted sum
+        return total
+
+
+def _make(variant: dict, pretrained: bool, kwargs: dict) -> EViT:
+    if pretrained:
+        raise ValueError("EViT models load their backbone's weights: set model.backbone and model.pretrained")
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
+    return EViT(**{**variant, **kwargs})
+
+
+@register_model
+def evit_deit_t(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT on deit_tiny_patch16_224 (keep 0.7 at blocks 4, 7, 10)."""
+    from tpcrepro.models.vit import DEIT
+
+    return _make(DEIT["t"], pretrained, kwargs)
+
+
+@register_model
+def evit_deit_s(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT on deit_small_patch16_224 (keep 0.7 at blocks 4, 7, 10)."""
+    from tpcrepro.models.vit import DEIT
+
+    return _make(DEIT["s"], pretrained, kwargs)
+
+
+@register_model
+def evit_deit_b(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT on deit_base_patch16_224 (keep 0.7 at blocks 4, 7, 10)."""
+    from tpcrepro.models.vit import DEIT
+
+    return _make(DEIT["b"], pretrained, kwargs)
+
+
+@register_model
+def evit_vit_smoke(pretrained: bool = False, **kwargs) -> EViT:
+    """EViT on the smoke ViT (8 blocks: prunes at 0-based 2, 4, 6 unless evit.locations says otherwise)."""
+    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
+
+    kwargs.setdefault("evit", EViTCfg(locations=(2, 4, 6)))
+    return sincos_init_(_make(SMOKE_VIT, pretrained, kwargs))
