@@ -120,3 +120,37 @@ def test_smoke_recipes_train(recipe):
 
     rec = run_job(load_recipe(recipe, FAST + ("train.epochs=1", "model.init_from=null")), "train", seed=0)
     assert rec.status == "done" and rec.metrics["n_val"] == 64
+
+
+def test_tome_counts_macs_and_r_zero_is_the_backbone():
+    from tpcrepro.models.tome import ToMeCfg
+
+    m = timm.create_model("tome_deit_s").eval()
+    counts = m.token_counts()
+    assert counts[0] == 197 and counts[1] == 184 and counts[-1] == 54
+    assert m.macs() == flops.fvcore_macs(m, (3, 224, 224))
+    deit, zero = deit_pair("tome_deit_s", tome=ToMeCfg(r=0))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(zero(x), deit(x), atol=1e-5)
+
+
+def test_tome_merge_is_a_size_weighted_average():
+    from tpcrepro.models.tome import bipartite_merge
+
+    x = torch.tensor([[[0.0], [1.0], [5.0], [1.1], [9.0]]])  # CLS, then tokens; set a = 0, 2, 4; set b = 1, 3
+    metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.0, 1.0], [1.0, 0.1]]])
+    merge = bipartite_merge(metric, 1)
+    size = torch.ones(1, 5, 1)
+    merged, new_size = merge(x * size), merge(size)
+    assert merged.shape[1] == 4 and merged[0, 0, 0] == 0.0  # CLS kept first
+    assert sorted((merged / new_size)[0, :, 0].tolist()) == pytest.approx(sorted([0.0, 9.0, 3.0, 1.1]))
+
+
+def test_flops_job_of_a_stabilized_method_counts_sparse_attention():
+    from tpcrepro.jobs import run_job
+    from tpcrepro.recipe import load_recipe
+
+    dense = run_job(load_recipe("smoke/evit"), "flops").metrics
+    sparse = run_job(load_recipe("smoke/evit_stab"), "flops").metrics
+    assert dense["macs"] == dense["fvcore_macs"] and sparse["macs"] < dense["macs"]

@@ -68,6 +68,11 @@ def _flops(recipe: Recipe) -> tuple[dict, dict]:
         macs = flops.vit_macs(dims, [n] * dims.depth, kappa=recipe.stabilizer.kappa, n_final=1)
         metrics = {"params": flops.count_params(model), "macs_all_tokens": macs}
         return metrics, {"counter": "analytic", "note": "all tokens computed; the per-image mean is in the train record"}
+    if hasattr(model, "macs"):  # fixed-schedule methods count themselves exactly, κ included (fvcore cannot see κ)
+        metrics = {"params": flops.count_params(model), "macs": model.macs()}
+        if recipe.stabilizer.kappa is None:
+            metrics["fvcore_macs"] = flops.fvcore_macs(model, shape)
+        return metrics, {"counter": "analytic", "input_shape": list(shape), "batch": 1}
     metrics = {"params": flops.count_params(model), "macs": flops.fvcore_macs(model, shape)}
     return metrics, {"counter": "fvcore", "fused_attn": False, "input_shape": list(shape), "batch": 1}
 

@@ -23,6 +23,7 @@ from tpcrepro.errors import UserError
 from tpcrepro.models.controller import TPCCfg
 from tpcrepro.models.dynamicvit import DynamicViTCfg
 from tpcrepro.models.evit import EViTCfg
+from tpcrepro.models.tome import ToMeCfg
 
 PROFILES = ("smoke", "paper")
 JOB_KINDS = ("train", "flops", "throughput")
@@ -123,6 +124,7 @@ class Recipe:
     tpc: TPCCfg = field(default_factory=TPCCfg)  # also A-ViT's configuration of the same controller
     evit: EViTCfg = field(default_factory=EViTCfg)
     dynamicvit: DynamicViTCfg = field(default_factory=DynamicViTCfg)
+    tome: ToMeCfg = field(default_factory=ToMeCfg)
     stabilizer: StabilizerCfg = field(default_factory=StabilizerCfg)
     # Filled by the loader, not by YAML.
     id: str = ""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from tpcrepro.models import smoke  # noqa: F401  (registers vit_smoke_*)
 from tpcrepro.models import vit  # noqa: F401  (registers tpc_deit_*, tpc_vit_smoke)
-from tpcrepro.models import avit, dynamicvit, evit  # noqa: F401,E402  (registers avit_*, dynamicvit_*, evit_*)
+from tpcrepro.models import avit, dynamicvit, evit, tome  # noqa: F401,E402  (registers avit_*, dynamicvit_*, evit_*, tome_*)
 
 ADAPTIVE_PREFIXES = ("tpc_", "avit_")  # per-image token counts: MACs are a mean over images
 # model-name prefix -> the recipe sections its constructor takes
-METHOD_SECTIONS = {"tpc_": ("tpc",), "avit_": ("tpc",), "evit_": ("evit",), "dynamicvit_": ("dynamicvit",)}
+METHOD_SECTIONS = {"tpc_": ("tpc",), "avit_": ("tpc",), "evit_": ("evit",), "dynamicvit_": ("dynamicvit",),
+                   "tome_": ("tome",)}
 
 
 def is_adaptive(name: str) -> bool:
