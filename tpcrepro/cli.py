@@ -140,7 +140,7 @@ def flops(
 
 @app.command()
 def throughput(
-    model: str = typer.Option(..., "--model", "-m", help="A timm or tpcrepro model name."),
+    model: List[str] = typer.Option(..., "--model", "-m", help="A timm or tpcrepro model name (repeat to time several in one run)."),
     device: Optional[str] = DeviceOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 256 on CUDA, 32 on CPU."),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp32 (default bf16 on CUDA, fp32 on CPU)."),
@@ -149,11 +149,15 @@ def throughput(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Also time this model in the same run and report the ratio."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Images/s by one protocol (eval, inference mode, warm-up, synced timing, median of repeats)."""
+    """Images/s by one protocol (eval, inference mode, warm-up, synced timing, median of repeats).
+
+    All models given are timed in one process, interleaved repeat by repeat; with --baseline each gets its ratio.
+    --json prints one JSON object per model.
+    """
     from tpcrepro import measure
 
-    out = measure.throughput(model, device, batch_size, precision, img_size, compile_, baseline)
-    typer.echo(json.dumps(out) if as_json else measure.describe_throughput(out))
+    for out in measure.throughput(model, device, batch_size, precision, img_size, compile_, baseline):
+        typer.echo(json.dumps(out) if as_json else measure.describe_throughput(out))
 
 
 @app.command()

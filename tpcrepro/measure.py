@@ -88,18 +88,22 @@ def protocol(device: Optional[str], batch_size: Optional[int], precision: Option
     return p
 
 
-def throughput(name: str, device: Optional[str], batch_size: Optional[int], precision: Optional[str],
-               img_size: int, compile_: bool, baseline: Optional[str]) -> dict:
+def throughput(names: list[str], device: Optional[str], batch_size: Optional[int], precision: Optional[str],
+               img_size: int, compile_: bool, baseline: Optional[str]) -> list[dict]:
+    """Time every model (and the baseline first) in one process by one protocol; ratios against the baseline."""
     p = protocol(device, batch_size, precision, compile_)
-    names = [baseline, name] if baseline else [name]
-    models = {n: _model(n, img_size) for n in dict.fromkeys(names)}
+    order = list(dict.fromkeys(([baseline] if baseline else []) + names))
+    models = {n: _model(n, img_size) for n in order}
     res = speed.compare(models, (3, img_size, img_size), p)
-    out = {"model": name, **res[name], "settings": speed.settings(p)}
-    if baseline:
-        out.update(baseline=baseline, baseline_images_per_sec=res[baseline]["images_per_sec"])
-    else:
-        out.pop("ratio")
-    return out
+    outs = []
+    for n in names:
+        out = {"model": n, **res[n], "settings": speed.settings(p)}
+        if baseline:
+            out.update(baseline=baseline, baseline_images_per_sec=res[baseline]["images_per_sec"])
+        else:
+            out.pop("ratio")
+        outs.append(out)
+    return outs
 
 
 def describe_throughput(out: dict) -> str:

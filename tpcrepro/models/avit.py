@@ -12,10 +12,9 @@ of the batch instead of the CLS token; not reproduced).
 
 from __future__ import annotations
 
-from timm.models import register_model
-
 from tpcrepro.models.controller import TPCCfg
-from tpcrepro.models.vit import DEIT, TPCVisionTransformer, _make
+from tpcrepro.models.registry import register_family
+from tpcrepro.models.vit import TPCVisionTransformer
 
 
 def avit_cfg(centre: float) -> TPCCfg:
@@ -25,26 +24,7 @@ def avit_cfg(centre: float) -> TPCCfg:
 
 
 AVIT_T, AVIT_S = avit_cfg(30.0), avit_cfg(75.0)
+AVIT_SMOKE = TPCCfg(**{**AVIT_T.__dict__, "beta": 4.0, "target_depth": 5.0})  # the smoke TPC recipes' centre, 0.4
 
-
-@register_model
-def avit_deit_t(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """A-ViT-T: deit_tiny_patch16_224 with A-ViT's halting (centre 30)."""
-    return _make(DEIT["t"], pretrained, {"tpc": AVIT_T, **kwargs})
-
-
-@register_model
-def avit_deit_s(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """A-ViT-S: deit_small_patch16_224 with A-ViT's halting (centre 75)."""
-    return _make(DEIT["s"], pretrained, {"tpc": AVIT_S, **kwargs})
-
-
-AVIT_SMOKE = TPCCfg(**{**AVIT_T.__dict__, "beta": 4.0, "target_depth": 5.0})
-
-
-@register_model
-def avit_vit_smoke(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """A-ViT on the smoke ViT: centre 0.4 (γ 10, β 4), the same centre as the smoke TPC recipes, prior at 5 of 8."""
-    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
-
-    return sincos_init_(_make(SMOKE_VIT, pretrained, {"tpc": AVIT_SMOKE, **kwargs}))
+register_family(TPCVisionTransformer, "avit", "A-ViT: one halting gate, no TDR, no pausing", sizes="ts",
+                defaults={"t": {"tpc": AVIT_T}, "s": {"tpc": AVIT_S}}, smoke_defaults={"tpc": AVIT_SMOKE})

@@ -21,10 +21,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
 from tpcrepro.models.vit import block_forward
 
@@ -206,41 +206,5 @@ class DynamicViT(VisionTransformer):
         return flops.vit_macs(d, counts, kappa=self.kappa) + pred
 
 
-def _make(variant: dict, pretrained: bool, kwargs: dict) -> DynamicViT:
-    if pretrained:
-        raise ValueError("DynamicViT models load their backbone's weights: set model.backbone and model.pretrained")
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    return DynamicViT(**{**variant, **kwargs})
-
-
-@register_model
-def dynamicvit_deit_t(pretrained: bool = False, **kwargs) -> DynamicViT:
-    """DynamicViT/0.7 on deit_tiny_patch16_224."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["t"], pretrained, kwargs)
-
-
-@register_model
-def dynamicvit_deit_s(pretrained: bool = False, **kwargs) -> DynamicViT:
-    """DynamicViT/0.7 on deit_small_patch16_224."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["s"], pretrained, kwargs)
-
-
-@register_model
-def dynamicvit_deit_b(pretrained: bool = False, **kwargs) -> DynamicViT:
-    """DynamicViT/0.7 on deit_base_patch16_224 (ratio loss weight 5 in its recipe)."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["b"], pretrained, kwargs)
-
-
-@register_model
-def dynamicvit_vit_smoke(pretrained: bool = False, **kwargs) -> DynamicViT:
-    """DynamicViT on the smoke ViT (prunes before 0-based blocks 2, 4, 6 unless dynamicvit.locations says otherwise)."""
-    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
-
-    kwargs.setdefault("dynamicvit", DynamicViTCfg(locations=(2, 4, 6)))
-    return sincos_init_(_make(SMOKE_VIT, pretrained, kwargs))
+register_family(DynamicViT, "dynamicvit", "DynamicViT/0.7",
+                smoke_defaults={"dynamicvit": DynamicViTCfg(locations=(2, 4, 6))})

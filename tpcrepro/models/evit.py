@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
 from tpcrepro.models.vit import block_forward
 
@@ -127,41 +127,5 @@ class EViT(VisionTransformer):
         return total
 
 
-def _make(variant: dict, pretrained: bool, kwargs: dict) -> EViT:
-    if pretrained:
-        raise ValueError("EViT models load their backbone's weights: set model.backbone and model.pretrained")
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    return EViT(**{**variant, **kwargs})
-
-
-@register_model
-def evit_deit_t(pretrained: bool = False, **kwargs) -> EViT:
-    """EViT on deit_tiny_patch16_224 (keep 0.7 at blocks 4, 7, 10)."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["t"], pretrained, kwargs)
-
-
-@register_model
-def evit_deit_s(pretrained: bool = False, **kwargs) -> EViT:
-    """EViT on deit_small_patch16_224 (keep 0.7 at blocks 4, 7, 10)."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["s"], pretrained, kwargs)
-
-
-@register_model
-def evit_deit_b(pretrained: bool = False, **kwargs) -> EViT:
-    """EViT on deit_base_patch16_224 (keep 0.7 at blocks 4, 7, 10)."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["b"], pretrained, kwargs)
-
-
-@register_model
-def evit_vit_smoke(pretrained: bool = False, **kwargs) -> EViT:
-    """EViT on the smoke ViT (8 blocks: prunes at 0-based 2, 4, 6 unless evit.locations says otherwise)."""
-    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
-
-    kwargs.setdefault("evit", EViTCfg(locations=(2, 4, 6)))
-    return sincos_init_(_make(SMOKE_VIT, pretrained, kwargs))
+# the smoke ViT has 8 blocks: prune at 0-based 2, 4, 6
+register_family(EViT, "evit", "EViT (keep 0.7 at blocks 4, 7, 10)", smoke_defaults={"evit": EViTCfg(locations=(2, 4, 6))})

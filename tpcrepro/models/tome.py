@@ -14,10 +14,10 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
 
 
@@ -105,41 +105,4 @@ class ToMeViT(VisionTransformer):
         return total + 5 * (counts[-1] - min(self.tome.r, (counts[-1] - 1) // 2)) * c
 
 
-def _make(variant: dict, pretrained: bool, kwargs: dict) -> ToMeViT:
-    if pretrained:
-        raise ValueError("ToMe models load their backbone's weights: set model.backbone and model.pretrained")
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    return ToMeViT(**{**variant, **kwargs})
-
-
-@register_model
-def tome_deit_t(pretrained: bool = False, **kwargs) -> ToMeViT:
-    """ToMe on deit_tiny_patch16_224."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["t"], pretrained, kwargs)
-
-
-@register_model
-def tome_deit_s(pretrained: bool = False, **kwargs) -> ToMeViT:
-    """ToMe on deit_small_patch16_224 (r = 13: ToMe's DeiT-S setting)."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["s"], pretrained, kwargs)
-
-
-@register_model
-def tome_deit_b(pretrained: bool = False, **kwargs) -> ToMeViT:
-    """ToMe on deit_base_patch16_224."""
-    from tpcrepro.models.vit import DEIT
-
-    return _make(DEIT["b"], pretrained, kwargs)
-
-
-@register_model
-def tome_vit_smoke(pretrained: bool = False, **kwargs) -> ToMeViT:
-    """ToMe on the smoke ViT (r = 4 per block unless tome.r says otherwise: 65 → 37 tokens)."""
-    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
-
-    kwargs.setdefault("tome", ToMeCfg(r=4))
-    return sincos_init_(_make(SMOKE_VIT, pretrained, kwargs))
+register_family(ToMeViT, "tome", "ToMe (r = 13 pairs merged per block)", smoke_defaults={"tome": ToMeCfg(r=4)})

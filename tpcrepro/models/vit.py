@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tpcrepro import flops
 from tpcrepro.models import controller as ctl
+from tpcrepro.models.registry import DEIT_NAMES, SMOKE_NAME, register_family
 from tpcrepro.models.stabilizer import attention
 
 STAT_KEYS = ("n_q", "n_kv", "paused", "halted", "restarted")
@@ -224,43 +224,5 @@ class TPCVisionTransformer(VisionTransformer):
         return result
 
 
-def _make(variant: dict, pretrained: bool, kwargs: dict) -> TPCVisionTransformer:
-    if pretrained:
-        raise ValueError("TPC models load their backbone's weights: set model.pretrained to a DeiT checkpoint file")
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    return TPCVisionTransformer(**{**variant, **kwargs})
-
-
-BACKBONE = {"tpc_deit_t": "deit_tiny_patch16_224", "tpc_deit_s": "deit_small_patch16_224",
-            "tpc_deit_b": "deit_base_patch16_224", "tpc_vit_smoke": "vit_smoke_patch2_16"}
-DEIT = {
-    "t": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-}
-
-
-@register_model
-def tpc_deit_t(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """TPC-DeiT-T: deit_tiny_patch16_224 with the token propagation controller."""
-    return _make(DEIT["t"], pretrained, kwargs)
-
-
-@register_model
-def tpc_deit_s(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """TPC-DeiT-S: deit_small_patch16_224 with the token propagation controller."""
-    return _make(DEIT["s"], pretrained, kwargs)
-
-
-@register_model
-def tpc_deit_b(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """TPC-DeiT-B: deit_base_patch16_224 with the token propagation controller."""
-    return _make(DEIT["b"], pretrained, kwargs)
-
-
-@register_model
-def tpc_vit_smoke(pretrained: bool = False, **kwargs) -> TPCVisionTransformer:
-    """TPC on the smoke profile's ViT (vit_smoke_patch2_16's shape and initialisation)."""
-    from tpcrepro.models.smoke import SMOKE_VIT, sincos_init_
-
-    return sincos_init_(_make(SMOKE_VIT, pretrained, kwargs))
+BACKBONE = {f"tpc_deit_{k}": v for k, v in DEIT_NAMES.items()} | {"tpc_vit_smoke": SMOKE_NAME}
+register_family(TPCVisionTransformer, "tpc", "TPC-ViT: the token propagation controller")
