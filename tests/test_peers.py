@@ -154,3 +154,12 @@ def test_flops_job_of_a_stabilized_method_counts_sparse_attention():
     dense = run_job(load_recipe("smoke/evit"), "flops").metrics
     sparse = run_job(load_recipe("smoke/evit_stab"), "flops").metrics
     assert dense["macs"] == dense["fvcore_macs"] and sparse["macs"] < dense["macs"]
+
+
+def test_avit_that_never_halts_is_the_backbone():
+    from dataclasses import replace
+
+    deit, m = deit_pair("avit_deit_s", tpc=replace(AVIT_S, beta=1e4))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(m(x)["logits"], deit(x), atol=1e-4)

@@ -52,7 +52,7 @@ def test_list_statuses():
     assert rows[("table5", "deit_b")]["paper"] == "stale"
     assert rows[("table3", "tokenlearner")]["paper"] == "quoted"
     assert rows[("table3", "ours")]["smoke"] == "missing"
-    assert rows[("table3", "dynamicvit_s")]["smoke"] == "no recipe"
+    assert rows[("table7", "ours_lvvit_t")]["smoke"] == "no recipe"
 
 
 def test_latest_record_wins():

@@ -147,6 +147,7 @@ def throughput(
     img_size: int = typer.Option(224, "--img-size"),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the models."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Also time this model in the same run and report the ratio."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Write a record per model to results/records."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Images/s by one protocol (eval, inference mode, warm-up, synced timing, median of repeats).
@@ -157,6 +158,8 @@ def throughput(
     from tpcrepro import measure
 
     for out in measure.throughput(model, device, batch_size, precision, img_size, compile_, baseline):
+        if record:
+            measure.write_bench_record(out)
         typer.echo(json.dumps(out) if as_json else measure.describe_throughput(out))
 
 

@@ -146,14 +146,14 @@ def describe_bench(out: dict) -> str:
 
 
 def write_bench_record(out: dict) -> Path:
-    """A benchmark-mode record: recipe 'bench/<model>', profile 'bench' (never a table's profile)."""
+    """A record of a `throughput` or `bench` measurement: recipe 'bench/<model>', profile 'bench'."""
     from tpcrepro import records
 
     s = out["settings"]
-    metrics = {k: v for k, v in out.items() if k not in ("settings", "model", "backbone")}
+    metrics = {k: v for k, v in out.items() if k not in ("settings", "model", "backbone", "baseline")}
     rec = records.Record(
         recipe=f"bench/{out['model']}", recipe_hash="-", profile="bench", kind="throughput", seed=0, status="done",
-        metrics=metrics, settings={**s, "backbone": out["backbone"]}, overrides=[],
+        metrics=metrics, settings={**s, "backbone": out.get("backbone"), "baseline": out.get("baseline")}, overrides=[],
         environment=records.environment(s["device"]), started_at=records.now_iso(), duration_s=0.0,
     )
     return records.write_record(rec)

@@ -41,14 +41,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def git_commit() -> str | None:
+def _git(*args: str) -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=paths.ROOT, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _commit_now() -> str | None:
+    """HEAD's short hash, with '+dirty' when tracked tpcrepro sources differ from it."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if not head:
         return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "tpcrepro")
+    return head + ("+dirty" if dirty else "")
+
+
+_COMMIT_AT_START = _commit_now()  # the code this process runs was loaded now, not when a record is written
+
+
+def git_commit() -> str | None:
+    return _COMMIT_AT_START
 
 
 def device_name(device: str = "cpu") -> str:

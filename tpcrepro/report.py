@@ -144,8 +144,8 @@ def smoke_frame(spec: tables.TableSpec, latest: dict) -> Optional[pd.DataFrame]:
             if scale and v:
                 v = [x / METRIC_OF[col.key][2] * scale for x in v]
             line[f"{header}, smoke"] = fmt(v, 2 if col.key in ("gmacs", "params_m") else 1)
-        if base_macs and "gmacs" in vals:
-            line["MACs ÷ backbone"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}"
+        if base_macs:
+            line["MACs ÷ backbone"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}" if "gmacs" in vals else "—"
         line["Source"] = _source(row, ours, "smoke")
         out.append(line)
     return pd.DataFrame(out)
