@@ -37,19 +37,21 @@ def schedule(batch: int, depth: int, n_tokens: int, mean: int, spread: float = 0
 class ScheduleRunner(torch.nn.Module):
     """A TPC model run at a fixed schedule: tokens removed (gather) or masked (all kept). [B, C, H, W] -> logits."""
 
-    def __init__(self, model: TPCVisionTransformer, counts: torch.Tensor, removed: bool = True):
+    def __init__(self, model: TPCVisionTransformer, counts: torch.Tensor, removed: bool = True, buckets: int = 1):
         super().__init__()
-        self.model, self.removed = model, removed
+        self.model, self.removed, self.buckets = model, removed, buckets
         self.register_buffer("counts", counts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m._embed(x)
         pos = torch.arange(x.shape[1], device=x.device)
-        layer = layer_removed if self.removed else layer_masked
         for i, blk in enumerate(m.blocks):
             computed = pos[None, :] < self.counts[: len(x), i : i + 1]
-            x = layer(blk, x, computed, computed, m.kappa)
+            if self.removed:
+                x = layer_removed(blk, x, computed, computed, m.kappa, self.buckets)
+            else:
+                x = layer_masked(blk, x, computed, computed, m.kappa)
         return m._head(x[:, 0])
 
 
@@ -63,8 +65,9 @@ def compare_at_macs(model: TPCVisionTransformer, backbone: torch.nn.Module, targ
     macs = flops.mean_vit_macs(dims, counts, kappa=model.kappa, n_final=torch.ones(len(counts), dtype=torch.long))
     dense_macs = flops.vit_macs(dims, [n_tokens] * dims.depth)
     img = backbone.patch_embed.img_size
-    res = speed.compare({"dense": backbone, "removed": ScheduleRunner(model, counts, True),
-                         "masked": ScheduleRunner(model, counts, False)}, (model.patch_embed.proj.in_channels, *img), p)
+    runners = {"dense": backbone, "removed": ScheduleRunner(model, counts, True, model.buckets),
+               "removed_padded": ScheduleRunner(model, counts, True, 1), "masked": ScheduleRunner(model, counts, False)}
+    res = speed.compare(runners, (model.patch_embed.proj.in_channels, *img), p)
     return {"benchmark_mode": True, "mean_tokens": mean, "spread": spread, "macs": macs, "dense_macs": dense_macs,
-            "macs_ratio": dense_macs / macs, "kappa": model.kappa,
+            "macs_ratio": dense_macs / macs, "kappa": model.kappa, "buckets": model.buckets,
             **{f"{k}_{m}": v[m] for k, v in res.items() for m in ("images_per_sec", "ratio")}}

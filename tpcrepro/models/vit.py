@@ -74,9 +74,8 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
+def _layer_packed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
                   kappa: Optional[int]) -> torch.Tensor:
-    """Only computed tokens are queries and only `kv` tokens keys/values, gathered and padded."""
     if bool(computed.all()):
         return block_forward(blk, x, None, None, kappa)
     idx_q, valid_q = _pack(computed)
@@ -86,6 +85,23 @@ def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch
     return x.scatter(1, idx_q[..., None].expand(-1, -1, x.shape[-1]), new)
 
 
+def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
+                  kappa: Optional[int], buckets: int = 1) -> torch.Tensor:
+    """Only computed tokens are queries and only `kv` tokens keys/values, gathered and padded.
+
+    Padding to the batch's largest count wastes the difference to the mean;
+    with buckets > 1 the images are sorted by their count and run in that
+    many groups, each padded only to its own largest count.
+    """
+    if buckets <= 1 or len(x) < 2 * buckets:
+        return _layer_packed(blk, x, computed, kv, kappa)
+    order = computed.sum(1).argsort()
+    out = torch.empty_like(x)
+    for idx in order.chunk(buckets):
+        out[idx] = _layer_packed(blk, x[idx], computed[idx], kv[idx], kappa)
+    return out
+
+
 class TPCVisionTransformer(VisionTransformer):
     """timm VisionTransformer whose blocks are driven by the token propagation controller.
 
@@ -93,11 +109,12 @@ class TPCVisionTransformer(VisionTransformer):
     """
 
     def __init__(self, tpc: Optional[ctl.TPCCfg] = None, kappa: Optional[int] = None,
-                 inference: str = "removed", **kwargs):
+                 inference: str = "removed", buckets: int = 4, **kwargs):
         super().__init__(**kwargs)
         self.tpc = tpc or ctl.TPCCfg()
         self.kappa = kappa
         self.inference = inference
+        self.buckets = buckets  # removed form: images grouped by token count, padded per group
         self.dims = flops.ViTDims.of(self)
 
     # -- shared pieces
@@ -199,7 +216,7 @@ class TPCVisionTransformer(VisionTransformer):
             last = i == depth - 1
             computed, paused = state.computed(), state.paused()
             kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
-            x = layer_removed(blk, x, computed, kv, self.kappa)
+            x = layer_removed(blk, x, computed, kv, self.kappa, self.buckets)
             state, w, halt, _, _ = self._decide(state, x, computed, last, is_cls)
             acc = acc + w[:, :1] * x[:, 0]
             for key, m in zip(STAT_KEYS, (computed, kv, paused, halt, computed & was_paused)):
