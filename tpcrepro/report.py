@@ -136,14 +136,14 @@ def smoke_frame(spec: tables.TableSpec, latest: dict) -> Optional[pd.DataFrame]:
         ours = collect(row.recipes["smoke"], "smoke", latest)
         vals = ours.values if ours else {}
         line = {"Model (paper's label)": row.label}
-        for col in spec.columns:
-            if col.key not in METRIC_OF:
-                continue
-            header, scale = SMOKE_SCALE.get(col.key, (col.header, None))
-            v = vals.get(col.key)
+        headers = {c.key: c.header for c in spec.columns if c.key in METRIC_OF}
+        headers.setdefault("gmacs", "FLOPs (G)")  # MACs always: they are what an adaptive method trades
+        for key, paper_header in headers.items():
+            header, scale = SMOKE_SCALE.get(key, (paper_header, None))
+            v = vals.get(key)
             if scale and v:
-                v = [x / METRIC_OF[col.key][2] * scale for x in v]
-            line[f"{header}, smoke"] = fmt(v, 2 if col.key in ("gmacs", "params_m") else 1)
+                v = [x / METRIC_OF[key][2] * scale for x in v]
+            line[f"{header}, smoke"] = fmt(v, 2 if key in ("gmacs", "params_m") else 1)
         if base_macs:
             line["MACs ÷ backbone"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}" if "gmacs" in vals else "—"
         line["Source"] = _source(row, ours, "smoke")
