@@ -163,3 +163,21 @@ def test_avit_that_never_halts_is_the_backbone():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(m(x)["logits"], deit(x), atol=1e-4)
+
+
+def test_tome_schedule_counts_match_fvcore():
+    from tpcrepro.models.tome import ToMeCfg
+
+    m = timm.create_model("tome_vit_smoke", **SMOKE, tome=ToMeCfg(schedule=(8, 8, 4, 4, 2, 2, 0, 0))).eval()
+    assert m.token_counts() == [65, 57, 49, 45, 41, 39, 37, 37]
+    assert m.macs() == flops.fvcore_macs(m, (1, 16, 16))
+
+
+def test_evit_keep_rate_warm_up():
+    cfg = EViTCfg(keep_rate=0.7, shrink_start=10, shrink_epochs=100)
+    assert cfg.keep_rate_at(0) == 1.0 and cfg.keep_rate_at(9) == 1.0
+    assert cfg.keep_rate_at(60) == pytest.approx(0.85) and cfg.keep_rate_at(110) == 0.7 and cfg.keep_rate_at(300) == 0.7
+    m = timm.create_model("evit_vit_smoke", **SMOKE, evit=EViTCfg(locations=(2, 4, 6), shrink_start=1, shrink_epochs=2))
+    m.set_epoch(0)
+    assert m.token_counts()[1][-1] == 65  # nothing pruned during the first epoch
+    assert EViTCfg().keep_rate_at(0) == 0.7  # the fine-tuning recipe: fixed

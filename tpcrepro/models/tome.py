@@ -24,6 +24,10 @@ from tpcrepro.models.stabilizer import nearest_keys
 @dataclass(frozen=True)
 class ToMeCfg:
     r: int = 13  # pairs merged in every block
+    schedule: tuple = ()  # per-block r (overrides r), e.g. ToMe's decreasing schedules
+
+    def r_at(self, block: int) -> int:
+        return self.schedule[block] if self.schedule else self.r
 
 
 def bipartite_merge(metric: torch.Tensor, r: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -80,15 +84,15 @@ class ToMeViT(VisionTransformer):
     def forward_features(self, x: torch.Tensor, **_: object) -> torch.Tensor:
         x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
         size = x.new_ones(*x.shape[:2], 1)
-        for blk in self.blocks:
-            x, size = tome_block(blk, x, size, self.tome.r, self.kappa)
+        for i, blk in enumerate(self.blocks):
+            x, size = tome_block(blk, x, size, self.tome.r_at(i), self.kappa)
         return self.norm(x)
 
     def token_counts(self) -> list[int]:
         n, out = self.dims.num_patches + self.num_prefix_tokens, []
-        for _ in range(self.dims.depth):
+        for i in range(self.dims.depth):
             out.append(n)
-            n -= min(self.tome.r, (n - 1) // 2)
+            n -= min(self.tome.r_at(i), (n - 1) // 2)
         return out
 
     def macs(self) -> int:
@@ -97,12 +101,13 @@ class ToMeViT(VisionTransformer):
         head_dim = self.blocks[0].attn.head_dim
         counts = self.token_counts()
         total = d.num_patches * d.patch_dim * c + c * d.num_classes
-        for n in counts:
-            r = min(self.tome.r, (n - 1) // 2)
+        for i, n in enumerate(counts):
+            r = min(self.tome.r_at(i), (n - 1) // 2)
             total += flops.block_macs(n, n, c, d.mlp_hidden, self.kappa, n_mlp=n - r)
             if r > 0:
                 total += ((n + 1) // 2) * (n // 2) * head_dim
-        return total + 5 * (counts[-1] - min(self.tome.r, (counts[-1] - 1) // 2)) * c
+        last = len(counts) - 1
+        return total + 5 * (counts[-1] - min(self.tome.r_at(last), (counts[-1] - 1) // 2)) * c
 
 
 register_family(ToMeViT, "tome", "ToMe (r = 13 pairs merged per block)", smoke_defaults={"tome": ToMeCfg(r=4)})
