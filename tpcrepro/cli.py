@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -16,6 +17,21 @@ app = typer.Typer(
          "Profiles: [bold]smoke[/] = the digits data set that ships with scikit-learn and a small ViT, CPU minutes; "
          "[bold]paper[/] = ImageNet-1K at the paper's scale, multi-GPU through torchrun.",
 )
+
+@app.callback()
+def _root(
+    results: Optional[str] = typer.Option(None, "--results", envvar="TPCREPRO_RESULTS",
+                                          help="Folder for records/ and tables/ (default: the repository's results/). "
+                                               "Use your own to reproduce without mixing your numbers with the committed ones."),
+    runs: Optional[str] = typer.Option(None, "--runs", envvar="TPCREPRO_RUNS", help="Folder for checkpoints (default runs/)."),
+) -> None:
+    import os
+
+    if results:
+        os.environ["TPCREPRO_RESULTS"] = str(Path(results).resolve())
+    if runs:
+        os.environ["TPCREPRO_RUNS"] = str(Path(runs).resolve())
+
 
 SetOpt = typer.Option(None, "--set", help="Override a recipe key, e.g. --set train.lr=1e-3 (repeatable; stored in the record).")
 DataOpt = typer.Option(None, "--data", help="ImageFolder root with train/ and val/ (else $TPCREPRO_DATA).")

@@ -117,7 +117,8 @@ def epoch_line(epoch: int, epochs: int, row: dict) -> str:
     if "tokens_n_q" in row:
         fmt = lambda v: " ".join(f"{x:.0f}" for x in v)  # noqa: E731
         text += f"\n  val tokens computed/layer [{fmt(row['tokens_n_q'])}] paused [{fmt(row['tokens_paused'])}]"
-        text += f" restarted [{fmt(row['tokens_restarted'])}]  MACs {row['macs'] / 1e6:.2f} M"
+        text += f" restarted [{fmt(row['tokens_restarted'])}] halted [{fmt(row['tokens_halted'])}]"
+        text += f"  MACs {row['macs'] / 1e6:.2f} M"
     return text
 
 
