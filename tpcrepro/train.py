@@ -202,7 +202,7 @@ class Fit:
 
     # -- loop
     def train_epoch(self, epoch: int, hook: Optional[StepHook]) -> dict:
-        d, cfg = self.d, self.cfg
+        d = self.d
         self.ddp.train()
         if hasattr(self.model, "set_epoch"):  # schedules inside a method (EViT's keep-rate warm-up)
             self.model.set_epoch(epoch)
