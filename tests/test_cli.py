@@ -71,3 +71,8 @@ def test_throughput_json_on_cpu_with_baseline():
 @pytest.mark.parametrize("cmd", ["run", "report", "list", "flops", "throughput", "job"])
 def test_help_explains(cmd):
     assert "Usage" in cli(cmd, "--help").stdout
+
+
+def test_results_folder_option(tmp_path):
+    cli("--results", str(tmp_path / "mine"), "report", "table9")
+    assert (tmp_path / "mine" / "tables" / "table9.md").exists()
