@@ -5,6 +5,7 @@ from __future__ import annotations
 from tpcrepro.models import smoke  # noqa: F401  (registers vit_smoke_*)
 from tpcrepro.models import vit  # noqa: F401  (registers tpc_deit_*, tpc_vit_smoke)
 from tpcrepro.models import avit, dynamicvit, evit, tome  # noqa: F401,E402  (registers avit_*, dynamicvit_*, evit_*, tome_*)
+from tpcrepro.models import lvvit  # noqa: F401,E402  (registers lvvit_t, lvvit_s, lvvit_m)
 
 ADAPTIVE_PREFIXES = ("tpc_", "avit_")  # per-image token counts: MACs are a mean over images
 # model-name prefix -> the recipe sections its constructor takes
