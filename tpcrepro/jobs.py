@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-from tpcrepro import distributed, flops, paths, records, speed, weights
+from tpcrepro import distributed, paths, records, speed, weights
 from tpcrepro.errors import UserError
 from tpcrepro.progress import log
 from tpcrepro.models import is_adaptive, method_kwargs
@@ -59,22 +59,14 @@ def _static_model(recipe: Recipe) -> torch.nn.Module:
 
 
 def _flops(recipe: Recipe) -> tuple[dict, dict]:
-    """Params and the static MACs. Adaptive models: the all-tokens count (their per-image mean is in the train record)."""
+    """Params and static MACs; an adaptive model's per-image mean is in its train record."""
+    from tpcrepro.measure import count_macs
+
     m = recipe.model
-    model, shape = _static_model(recipe), (m.in_chans, m.img_size, m.img_size)
-    if is_adaptive(m.name):
-        dims = flops.ViTDims.of(model)
-        n = dims.num_patches + model.num_prefix_tokens
-        macs = flops.vit_macs(dims, [n] * dims.depth, kappa=recipe.stabilizer.kappa, n_final=1)
-        metrics = {"params": flops.count_params(model), "macs_all_tokens": macs}
-        return metrics, {"counter": "analytic", "note": "all tokens computed; the per-image mean is in the train record"}
-    if hasattr(model, "macs"):  # fixed-schedule methods count themselves exactly, κ included (fvcore cannot see κ)
-        metrics = {"params": flops.count_params(model), "macs": model.macs()}
-        if recipe.stabilizer.kappa is None:
-            metrics["fvcore_macs"] = flops.fvcore_macs(model, shape)
-        return metrics, {"counter": "analytic", "input_shape": list(shape), "batch": 1}
-    metrics = {"params": flops.count_params(model), "macs": flops.fvcore_macs(model, shape)}
-    return metrics, {"counter": "fvcore", "fused_attn": False, "input_shape": list(shape), "batch": 1}
+    shape = (m.in_chans, m.img_size, m.img_size)
+    out = count_macs(_static_model(recipe), shape, is_adaptive(m.name), recipe.stabilizer.kappa)
+    settings = {"counter": out.pop("counter"), "note": out.pop("note"), "input_shape": list(shape), "batch": 1}
+    return out, settings
 
 
 def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:

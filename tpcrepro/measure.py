@@ -17,24 +17,43 @@ def _model(name: str, img_size: int, num_classes: int = 1000, in_chans: int = 3)
     return weights.create(ModelCfg(name=name, img_size=img_size, num_classes=num_classes, in_chans=in_chans))
 
 
-def static_flops(name: str, img_size: int = 224, num_classes: int = 1000, in_chans: int = 3) -> dict:
-    """Params and fvcore MACs at batch 1; for plain ViTs also the analytic count as a cross-check."""
-    model = _model(name, img_size, num_classes, in_chans)
-    out = {"model": name, "img_size": img_size, "params": flops.count_params(model)}
-    if is_adaptive(name):  # fvcore would trace one data-dependent path: count all tokens analytically
+def count_macs(model: torch.nn.Module, input_shape: tuple, adaptive: bool, kappa: Optional[int] = None) -> dict:
+    """Params and the static MACs of one image, by the right counter for the model.
+
+    Adaptive models (per-image token counts): the all-tokens count from the
+    analytic counter, as `macs_all_tokens` (their mean over images needs
+    data: `adaptive_flops`). Fixed-schedule methods count themselves exactly,
+    κ included (fvcore cannot see κ), cross-checked by fvcore when κ is off.
+    Anything else: fvcore, with the analytic count beside it for plain ViTs.
+    """
+    out: dict = {"params": flops.count_params(model)}
+    if adaptive:
         dims = flops.ViTDims.of(model)
         n = dims.num_patches + model.num_prefix_tokens
-        out.update(macs=flops.vit_macs(dims, [n] * dims.depth, n_final=1), counter="analytic",
-                   note="all tokens computed (no checkpoint given: pass --checkpoint for the mean over images)")
+        out.update(macs_all_tokens=flops.vit_macs(dims, [n] * dims.depth, kappa=kappa, n_final=1),
+                   counter="analytic", note="all tokens computed; the mean over images needs a trained checkpoint")
         return out
-    out.update(macs=flops.fvcore_macs(model, (in_chans, img_size, img_size)), counter="fvcore",
-               note="all tokens kept (static count)")
-    try:
+    if hasattr(model, "macs"):
+        out.update(macs=model.macs(), counter="analytic", note="the method's fixed token schedule")
+        if kappa is None:
+            out["fvcore_macs"] = flops.fvcore_macs(model, input_shape)
+        return out
+    out.update(macs=flops.fvcore_macs(model, input_shape), counter="fvcore", note="all tokens kept (static count)")
+    from timm.layers import PatchEmbed
+
+    if isinstance(getattr(model, "patch_embed", None), PatchEmbed) and hasattr(model, "blocks"):  # a plain ViT
         dims = flops.ViTDims.of(model)
-        n = dims.num_patches + model.num_prefix_tokens
-        out["analytic_macs"] = flops.vit_macs(dims, [n] * dims.depth)
-    except AttributeError:
-        pass  # not a plain ViT: fvcore only
+        out["analytic_macs"] = flops.vit_macs(dims, [dims.num_patches + model.num_prefix_tokens] * dims.depth)
+    return out
+
+
+def static_flops(name: str, img_size: int = 224, num_classes: int = 1000, in_chans: int = 3) -> dict:
+    """`tpcrepro flops --model`: params and MACs of one image for a model by name."""
+    model = _model(name, img_size, num_classes, in_chans)
+    out = {"model": name, "img_size": img_size, **count_macs(model, (in_chans, img_size, img_size), is_adaptive(name))}
+    if "macs_all_tokens" in out:  # without a checkpoint an adaptive model reports its all-tokens figure, and says so
+        out["macs"] = out["macs_all_tokens"]
+        out["note"] = "all tokens computed (no checkpoint given: pass --checkpoint for the mean over images)"
     return out
 
 
@@ -57,9 +76,10 @@ def adaptive_flops(checkpoint: str, data_root: Optional[str], device: Optional[s
     ds = data_mod.build_datasets(recipe.data, recipe.model, data_root)
     loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size, recipe.data.workers)
     res = evaluate(model.to(d.device), loader, d)
-    static = static_flops(recipe.model.name, recipe.model.img_size, recipe.model.num_classes, recipe.model.in_chans)
-    return {"model": recipe.model.name, "recipe": recipe.id, "checkpoint": str(checkpoint), "params": static["params"],
-            "macs": res["macs"], "macs_all_tokens": static["macs"], "counter": "analytic, mean over images",
+    m = recipe.model
+    static = count_macs(model, (m.in_chans, m.img_size, m.img_size), True, recipe.stabilizer.kappa)
+    return {"model": m.name, "recipe": recipe.id, "checkpoint": str(checkpoint), "params": static["params"],
+            "macs": res["macs"], "macs_all_tokens": static["macs_all_tokens"], "counter": "analytic, mean over images",
             "n_images": res["n_val"], "top1": res["top1"],
             **{k: v for k, v in res.items() if k.startswith("tokens_")}}
 

@@ -45,12 +45,3 @@ class EpochProgress:
     def __exit__(self, *exc) -> None:
         if self.progress is not None:
             self.progress.__exit__(*exc)
-
-
-def track(iterable, description: str, total: int | None = None):
-    """rich.progress.track on a terminal, the bare iterable elsewhere."""
-    if not bars_enabled():
-        return iterable
-    from rich.progress import track as rich_track
-
-    return rich_track(iterable, description=description, total=total, console=console, transient=True)

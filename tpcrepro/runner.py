@@ -16,7 +16,7 @@ from typing import Optional
 from tpcrepro import records, tables
 from tpcrepro.errors import UserError
 from tpcrepro.progress import log
-from tpcrepro.recipe import Recipe, list_recipes, load_recipe, recipe_path
+from tpcrepro.recipe import Recipe, load_recipe, recipe_path
 
 SEED_FREE_KINDS = ("flops", "throughput")  # measured once, not per seed
 
@@ -169,7 +169,3 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
                 raise
             log(f"[red]failed[/] {job.label}: {e}")
     return counts
-
-
-def known_targets() -> list[str]:
-    return tables.list_tables() + list_recipes()
