@@ -34,13 +34,16 @@ def test_bad_profile_and_job_kind(tmp_path):
         load_recipe(str(write(tmp_path, "b.yaml", "profile: smoke\njobs: [train, dance]\n")))
 
 
-def test_one_base_level(tmp_path):
+def test_base_chain_merges_in_order_and_rejects_loops(tmp_path):
     write(tmp_path, "base.yaml", "profile: smoke\ntrain: {lr: 0.5, epochs: 7}\n")
     child = load_recipe(str(write(tmp_path, "child.yaml", "base: base.yaml\ntrain: {lr: 0.25}\n")))
     assert child.train.lr == 0.25 and child.train.epochs == 7
-    write(tmp_path, "deep.yaml", "base: base.yaml\n")
-    with pytest.raises(UserError, match="one base level"):
-        load_recipe(str(write(tmp_path, "deeper.yaml", "base: deep.yaml\n")))
+    grand = load_recipe(str(write(tmp_path, "grand.yaml", "base: child.yaml\ntrain: {epochs: 3}\n")))
+    assert grand.train.lr == 0.25 and grand.train.epochs == 3
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(UserError, match="loops"):
+        load_recipe(str(tmp_path / "a.yaml"))
 
 
 def test_overrides_are_applied_kept_and_hashed():

@@ -52,7 +52,7 @@ class ScheduleRunner(torch.nn.Module):
                 x = layer_removed(blk, x, computed, computed, m.kappa, self.buckets)
             else:
                 x = layer_masked(blk, x, computed, computed, m.kappa)
-        return m._head(x[:, 0])
+        return m._logits(x[:, :1])
 
 
 def compare_at_macs(model: TPCVisionTransformer, backbone: torch.nn.Module, target_macs: float,

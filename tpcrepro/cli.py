@@ -60,21 +60,70 @@ def run(
     device: Optional[str] = DeviceOpt,
     set_: Optional[List[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="Rerun jobs that are already done (training starts over)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands of the jobs that would run, and stop."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands of the jobs that would run and the "
+                                 "GPU-hours the recipes state for them, and stop."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Go on to the next job after a failure."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Only these job kinds, comma-separated: train, flops, "
+                                        "throughput (e.g. --kinds flops: params and MACs need neither data nor weights)."),
+    launcher: str = typer.Option("local", "--launcher", help="local (this machine, torchrun for several GPUs) | "
+                                 "slurm (one submitit job per row) | submitit-local (the same through submitit's "
+                                 "local executor, to try a cluster set-up on one machine)."),
+    nodes: int = typer.Option(1, "--nodes", help="Slurm: nodes per training job."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="Slurm: GPUs (tasks) per node."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="Slurm partition."),
+    account: Optional[str] = typer.Option(None, "--account", help="Slurm account."),
+    timeout_min: int = typer.Option(72 * 60, "--timeout-min", help="Slurm: time limit per job in minutes "
+                                    "(an interrupted run resumes from its checkpoint when submitted again)."),
+    slurm_dir: str = typer.Option("runs/slurm", "--slurm-dir", help="Slurm: folder for submitit's logs."),
 ) -> None:
-    """Plan the jobs a table needs, skip the done ones, run the rest, then render the report."""
+    """Plan the jobs a table needs, skip the done ones, run the rest, then render the report.
+
+    Resumable: done jobs are skipped and an interrupted training resumes from its last checkpoint.
+    """
     from tpcrepro import report, runner, tables
 
     recipes = runner.target_recipes(target, profile, tuple(set_ or ()))
     if not recipes:
         raise UserError(f"{target} has no row tpcrepro can run at profile '{profile}' yet")
-    jobs = runner.plan(recipes, _seeds(seeds, profile))
+    wanted = None
+    if kinds:
+        wanted = tuple(k.strip() for k in kinds.split(",") if k.strip())
+        bad = [k for k in wanted if k not in ("train", "flops", "throughput")]
+        if bad:
+            raise UserError(f"--kinds takes train, flops, throughput; got '{bad[0]}'")
+    if launcher not in ("local", "slurm", "submitit-local"):
+        raise UserError(f"--launcher is local, slurm or submitit-local, got '{launcher}'")
+    if seeds is None and profile == "smoke" and target in tables.list_tables() and tables.load_table(target).smoke_seeds:
+        seeds = ",".join(map(str, tables.load_table(target).smoke_seeds))  # the table's own default (its cost)
+    jobs = runner.plan(recipes, _seeds(seeds, profile), wanted)
     launch = runner.Launch(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                            rdzv_endpoint=rdzv_endpoint, data=data, device=device)
-    counts = runner.run(jobs, launch, force=force, dry_run=dry_run, keep_going=keep_going)
     if dry_run:
+        todo = [j for j, _, _ in runner.pending(jobs, force)]
+        runner.run(jobs, launch, force=force, dry_run=True)
+        if profile == "paper":
+            hours, unknown = runner.gpu_hours(todo)
+            typer.echo(f"# {len(todo)} job(s) to run; stated cost {hours:,.1f} A100-class GPU-hours"
+                       + (f" (no cost stated: {', '.join(unknown)})" if unknown else ""), err=True)
+        else:
+            secs, unknown = runner.measured_seconds(todo)
+            fresh, _ = runner.measured_seconds(jobs)
+            typer.echo(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations "
+                       f"(a fresh run of all {len(jobs)}: {fresh / 60:.1f} min)"
+                       + (f"; never run here: {', '.join(unknown)}" if unknown else ""), err=True)
         return
+    if launcher != "local":
+        cluster = runner.Cluster(folder=slurm_dir, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
+                                 timeout_min=timeout_min, account=account,
+                                 cluster="local" if launcher == "submitit-local" else "slurm")
+        submitted = runner.submit(jobs, cluster, data, force)
+        if launcher == "submitit-local":
+            for rid, sj in submitted:
+                sj.result()
+            report.write_all(table_ids=tables.list_tables() if target == "all" or target not in tables.list_tables() else [target])
+        typer.echo(f"{len(submitted)} job(s) submitted; `tpcrepro list` shows progress, `tpcrepro report` renders the tables")
+        return
+    counts = runner.run(jobs, launch, force=force, dry_run=dry_run, keep_going=keep_going)
     ids = tables.list_tables() if target == "all" or target not in tables.list_tables() else [target]
     written = report.write_all(table_ids=ids)
     typer.echo(f"{counts['done']} run, {counts['skipped']} already done, {counts['failed']} failed; "
@@ -235,6 +284,59 @@ def models(pattern: str = typer.Argument("*", help="Filter, e.g. 'deit*' or '*sm
 
     for name in timm.list_models(pattern):
         typer.echo(name)
+
+
+FIGURES = ("fig1", "fig4", "fig5", "tradeoff")
+
+
+def _figure_images(recipe_id: str, n: int, data: Optional[str]):
+    """The first n evaluation images of the recipe's data: (model input, display or None)."""
+    from tpcrepro import figures
+    from tpcrepro.recipe import load_recipe
+
+    r = load_recipe(recipe_id)
+    if r.data.dataset == "digits":
+        return figures.digits_images(n)
+    from tpcrepro import data as data_mod
+
+    val = data_mod.build_datasets(r.data, r.model, data).val
+    import torch
+
+    return torch.stack([val[i][0] for i in range(min(n, len(val)))]), None
+
+
+@app.command()
+def figure(
+    name: str = typer.Argument(..., help="fig1 (CLS attention per layer) | fig4 (top-1 per epoch with and without "
+                               "the stabilizer) | fig5 (token states per layer over the image) | tradeoff (top-1 "
+                               "against MACs, each method's knob swept)."),
+    recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="fig1/fig5: the trained run(s) to draw "
+                                               "(default smoke/tpc; fig1 also smoke/vit beside it)."),
+    seed: int = typer.Option(0, "--seed", help="fig1/fig5: which seed's checkpoint."),
+    images: int = typer.Option(4, "--images", help="fig1/fig5: how many evaluation images."),
+    profile: str = typer.Option("smoke", "--profile", "-p", help="fig4/tradeoff: whose records (smoke | paper)."),
+    data: Optional[str] = DataOpt,
+    out: Optional[str] = typer.Option(None, "--out", help="PNG path (default results/figures/<name>.png)."),
+) -> None:
+    """Draw one of the paper's figures (or the trade-off curves) from records and checkpoints, as PNG."""
+    if name not in FIGURES:
+        raise UserError(f"unknown figure '{name}'; choose one of {', '.join(FIGURES)}")
+    from tpcrepro import figures
+
+    path = Path(out) if out else None
+    if name == "fig4":
+        written = figures.fig4(profile=profile, out=path)
+    elif name == "tradeoff":
+        written = figures.tradeoff(profile=profile, out=path)
+    else:
+        ids = list(recipe or (["smoke/tpc"] if name == "fig5" else ["smoke/vit", "smoke/tpc"]))
+        x, display = _figure_images(ids[-1], images, data)
+        models = {rid: figures.load_run_model(rid, seed) for rid in ids}
+        if name == "fig5":
+            written = figures.fig5(models[ids[-1]], x, path, display=display)
+        else:
+            written = figures.fig1(models, x, path, display=display)
+    typer.echo(str(written))
 
 
 def main() -> None:

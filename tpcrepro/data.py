@@ -148,9 +148,31 @@ def _subset(ds: Dataset, n: Optional[int]) -> Dataset:
     return Subset(ds, idx)
 
 
+def token_label_train(path: Path, data_cfg: DataCfg, model_cfg: ModelCfg, grid: tuple[int, int], classes: int,
+                      mean=None, std=None):
+    """The training set with dense targets (LV-ViT token labeling): crop and flip shared by image and map."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import Compose
+
+    from tpcrepro.token_labeling import TokenLabelDataset
+
+    aug = data_cfg.aug
+    _, secondary, final = create_transform(
+        model_cfg.img_size, is_training=True, auto_augment=aug.auto_augment, color_jitter=aug.color_jitter,
+        hflip=0.0, re_prob=aug.re_prob, re_mode=aug.re_mode, interpolation=data_cfg.interpolation,
+        mean=mean or IMAGENET_DEFAULT_MEAN, std=std or IMAGENET_DEFAULT_STD, separate=True)
+    folder = ImageFolder(str(path))
+    return TokenLabelDataset(folder, data_cfg.token_labels, grid, classes, model_cfg.img_size, hflip=aug.hflip,
+                             rest=Compose([secondary, final]))
+
+
 def build_datasets(data_cfg: DataCfg, model_cfg: ModelCfg, root: Optional[str] = None,
-                   mean=None, std=None) -> Datasets:
+                   mean=None, std=None, token_grid: Optional[tuple[int, int]] = None) -> Datasets:
+    """Train and val sets; with data.token_labels, train samples carry dense targets on token_grid."""
     if data_cfg.dataset == "digits":
+        if data_cfg.token_labels:
+            raise UserError("the digits have no teacher score maps: remove data.token_labels")
         train, val = DigitsDataset("train", data_cfg.aug.translate), DigitsDataset("val")
         n_cls = 10
     else:
@@ -160,6 +182,10 @@ def build_datasets(data_cfg: DataCfg, model_cfg: ModelCfg, root: Optional[str] =
         if train.classes != val.classes:
             raise UserError(f"{path}: train/ and val/ have different class folders; they must match")
         n_cls = len(train.classes)
+        if data_cfg.token_labels:
+            if token_grid is None:
+                raise UserError("data.token_labels needs a model with patch tokens (LV-ViT); remove the key")
+            train = token_label_train(path / "train", data_cfg, model_cfg, token_grid, n_cls, mean, std)
     if n_cls != model_cfg.num_classes:
         raise UserError(
             f"the data has {n_cls} classes but model.num_classes is {model_cfg.num_classes}; "

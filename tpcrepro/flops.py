@@ -70,18 +70,30 @@ class ViTDims:
     mlp_hidden: int
     depth: int
     num_patches: int
-    patch_dim: int  # in_chans * patch_h * patch_w
+    embed_macs: int  # patch embedding (a linear projection of patches, or a convolutional stem)
     num_classes: int
+    aux_classes: int = 0  # an auxiliary head over the patch tokens (LV-ViT), 0 = none
 
     @classmethod
     def of(cls, vit: nn.Module) -> "ViTDims":
         pe = vit.patch_embed
-        kh, kw = pe.proj.kernel_size
+        if hasattr(pe, "stem_macs"):
+            embed = pe.stem_macs()
+        else:
+            kh, kw = pe.proj.kernel_size
+            embed = pe.num_patches * pe.proj.in_channels * kh * kw * vit.embed_dim
+        aux = getattr(vit, "aux_head", None)
         return cls(
             embed_dim=vit.embed_dim, mlp_hidden=vit.blocks[0].mlp.fc1.out_features, depth=len(vit.blocks),
-            num_patches=pe.num_patches, patch_dim=pe.proj.in_channels * kh * kw,
+            num_patches=pe.num_patches, embed_macs=embed,
             num_classes=vit.head.out_features if isinstance(vit.head, nn.Linear) else 0,
+            aux_classes=aux.out_features if isinstance(aux, nn.Linear) else 0,
         )
+
+    def ends(self, n_final, prefix: int = 1):
+        """Patch embedding, final LayerNorm on n_final tokens, head, and the aux head on the patch tokens among them."""
+        c = self.embed_dim
+        return self.embed_macs + 5 * n_final * c + c * self.num_classes + (n_final - prefix) * c * self.aux_classes
 
 
 def block_macs(n_q, n_kv, dim: int, mlp_hidden: int, kappa: Optional[int] = None, n_mlp=None):
@@ -117,17 +129,13 @@ def vit_macs(dims: ViTDims, n_q: Sequence[int], n_kv: Optional[Sequence[int]] = 
     """MACs of one image through a ViT that computes n_q[l] tokens at block l.
 
     n_kv[l] defaults to n_q[l]; n_final (tokens through the final norm)
-    defaults to n_q[-1]. Patch embedding, final LayerNorm and head included.
+    defaults to n_q[-1]. Patch embedding, final LayerNorm and head(s) included.
     """
     if len(n_q) != dims.depth:
         raise ValueError(f"need {dims.depth} per-layer counts, got {len(n_q)}")
     n_kv = n_q if n_kv is None else n_kv
-    c = dims.embed_dim
-    total = dims.num_patches * dims.patch_dim * c
-    total += sum(block_macs(q, kv, c, dims.mlp_hidden, kappa) for q, kv in zip(n_q, n_kv))
-    total += 5 * (n_q[-1] if n_final is None else n_final) * c
-    total += c * dims.num_classes
-    return total
+    total = sum(block_macs(q, kv, dims.embed_dim, dims.mlp_hidden, kappa) for q, kv in zip(n_q, n_kv))
+    return total + dims.ends(n_q[-1] if n_final is None else n_final)
 
 
 def per_image_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Tensor] = None,
@@ -136,9 +144,7 @@ def per_image_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Te
     n_q = n_q.long()
     n_kv = n_q if n_kv is None else n_kv.long()
     n_final = n_q[:, -1] if n_final is None else n_final.long()
-    c = dims.embed_dim
-    per_layer = block_macs(n_q, n_kv, c, dims.mlp_hidden, kappa)
-    return per_layer.sum(1) + dims.num_patches * dims.patch_dim * c + 5 * n_final * c + c * dims.num_classes
+    return block_macs(n_q, n_kv, dims.embed_dim, dims.mlp_hidden, kappa).sum(1) + dims.ends(n_final)
 
 
 def mean_vit_macs(dims: ViTDims, n_q: torch.Tensor, n_kv: Optional[torch.Tensor] = None,

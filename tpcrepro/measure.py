@@ -28,9 +28,7 @@ def count_macs(model: torch.nn.Module, input_shape: tuple, adaptive: bool, kappa
     """
     out: dict = {"params": flops.count_params(model)}
     if adaptive:
-        dims = flops.ViTDims.of(model)
-        n = dims.num_patches + model.num_prefix_tokens
-        out.update(macs_all_tokens=flops.vit_macs(dims, [n] * dims.depth, kappa=kappa, n_final=1),
+        out.update(macs_all_tokens=model.macs_all_tokens(),
                    counter="analytic", note="all tokens computed; the mean over images needs a trained checkpoint")
         return out
     if hasattr(model, "macs"):

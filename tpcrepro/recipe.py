@@ -1,6 +1,7 @@
 """Recipes: YAML files validated into frozen dataclasses.
 
-A recipe may name one `base:` file (which may not name another). Unknown or
+A recipe may name a `base:` file, which may name its own (a chain, up to
+four deep, no cycles): a variant states only what it changes. Unknown or
 mistyped keys are errors naming the key and the file. `--set a.b=v` overrides
 are applied after the base merge and are part of the recipe's hash.
 """
@@ -66,6 +67,9 @@ class DataCfg:
     interpolation: str = "bicubic"
     workers: int = 8
     subset_train: Optional[int] = None  # use only the first N training images (a fixed sample)
+    token_labels: Optional[str] = None  # LV-ViT token labeling: folder of teacher score maps mirroring train/
+    token_label_weight: float = 0.5  # weight of the dense (per-token) loss
+    mixtoken: bool = True  # with token_labels: MixToken (replaces mixup and cutmix)
     subset_val: Optional[int] = None
     aug: AugCfg = field(default_factory=AugCfg)
 
@@ -104,6 +108,7 @@ class ThroughputCfg:
 @dataclass(frozen=True)
 class StabilizerCfg:
     kappa: Optional[int] = None  # top-κ attention; null = dense
+    train_only: bool = False  # true: top-κ while training, dense attention at inference (TPC and A-ViT models)
 
     def __post_init__(self):
         if self.kappa is not None and self.kappa < 1:
@@ -116,6 +121,7 @@ class Recipe:
     description: str = ""
     seed: int = 0
     jobs: tuple = ("train", "flops")
+    cost_gpu_hours: Optional[float] = None  # stated cost of all its jobs in A100-class GPU-hours (`run --dry-run` sums)
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
@@ -151,7 +157,7 @@ def _non_default(d: dict, default: dict) -> dict:
 
 
 # Settings that change no number a job reports (the throughput settings are kept in its record).
-_UNHASHED = ("description", "id", "overrides", "seed", "jobs", "eval", "throughput")
+_UNHASHED = ("description", "id", "overrides", "seed", "jobs", "eval", "throughput", "cost_gpu_hours")
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -232,18 +238,23 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> dict:
     return out
 
 
+MAX_BASE_DEPTH = 4
+
+
 def load_recipe(recipe_id: str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
     path = recipe_path(recipe_id)
     data = _read_yaml(path)
-    base_name = data.pop("base", None)
-    if base_name is not None:
-        base_path = (path.parent / base_name) if not Path(base_name).is_absolute() else Path(base_name)
+    chain, here = [path.resolve()], path
+    while (base_name := data.pop("base", None)) is not None:
+        base_path = (here.parent / base_name) if not Path(base_name).is_absolute() else Path(base_name)
         if not base_path.exists():
             base_path = paths.recipes_dir() / base_name
-        base = _read_yaml(base_path)
-        if "base" in base:
-            raise UserError(f"{base_path} names a base of its own; recipes allow one base level")
-        data = deep_merge(base, data)
+        if base_path.resolve() in chain or len(chain) > MAX_BASE_DEPTH:
+            raise UserError(f"{path}: the chain of base files loops or is deeper than {MAX_BASE_DEPTH} "
+                            f"({' -> '.join(p.name for p in chain)} -> {base_path.name}); shorten it")
+        chain.append(base_path.resolve())
+        data = deep_merge(_read_yaml(base_path), data)
+        here = base_path
     for text in overrides:
         keys, value = parse_override(text)
         data = _apply_override(data, keys, value)

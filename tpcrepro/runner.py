@@ -2,7 +2,8 @@
 
 Training jobs on several processes go through torchrun (one machine with
 --nproc-per-node, several with torchrun's rendezvous options); everything
-else runs in this process.
+else runs in this process. On a Slurm cluster, `submit` sends one job per
+recipe (row) through submitit instead, as DeiT's own scripts do.
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def _table_recipe_ids(table_id: str, profile: str) -> list[str]:
     return ids
 
 
-def plan(recipes: list[Recipe], seeds: list[int]) -> list[Job]:
-    """Jobs in order: a recipe fine-tuned from another (model.init_from) comes after that one's training."""
+def plan(recipes: list[Recipe], seeds: list[int], kinds: Optional[tuple] = None) -> list[Job]:
+    """Jobs in order: a recipe fine-tuned from another (model.init_from) comes after that one's training.
+
+    kinds: only these job kinds (e.g. ("flops",): params and MACs need neither data nor weights).
+    """
     jobs: list[Job] = []
     for r in recipes:
-        if r.model.init_from:
+        wanted = [k for k in r.jobs if kinds is None or k in kinds]
+        if r.model.init_from and "train" in wanted:
             dep = load_recipe(r.model.init_from)
             jobs += [Job(dep, "train", s, dependency=True) for s in seeds]
-        jobs += [Job(r, kind, s) for kind in r.jobs for s in ([0] if kind in SEED_FREE_KINDS else seeds)]
+        jobs += [Job(r, kind, s) for kind in wanted for s in ([0] if kind in SEED_FREE_KINDS else seeds)]
     seen, out = set(), []
     for j in jobs:
         key = (j.recipe.id, j.recipe.hash, j.kind, j.seed)
@@ -145,17 +150,69 @@ def execute(job: Job, launch: Launch, force: bool = False) -> None:
         raise UserError(f"{job.label} failed under torchrun (exit {rc}); its record and the log above say why")
 
 
+def pending(jobs: list[Job], force: bool = False) -> list[tuple[Job, str, bool]]:
+    """The jobs to run with their status and whether forced (done jobs are skipped unless forced)."""
+    out = []
+    for job, status in statuses(jobs):
+        forced = force and not job.dependency
+        if status != "done" or forced:
+            out.append((job, status, forced))
+    return out
+
+
+def gpu_hours(jobs: list[Job]) -> tuple[float, list[str]]:
+    """The stated cost (recipe key cost_gpu_hours, for all of a recipe's jobs) of the recipes among `jobs`.
+
+    A recipe's cost is counted once per seed it trains. Returns (total, recipes that state none).
+    """
+    total, unknown, seen = 0.0, [], set()
+    for j in jobs:
+        key = (j.recipe.id, j.seed if j.kind == "train" else None)
+        if key in seen or (j.kind != "train" and any(k[0] == j.recipe.id for k in seen)):
+            continue
+        seen.add(key)
+        if j.recipe.cost_gpu_hours is None:
+            if j.recipe.id not in unknown:
+                unknown.append(j.recipe.id)
+        else:
+            total += j.recipe.cost_gpu_hours
+    return total, unknown
+
+
+def measured_seconds(jobs: list[Job]) -> tuple[float, list[str]]:
+    """What `jobs` took when last run here: each job's newest done record of its recipe and kind (any seed).
+
+    Returns (seconds, recipes never run). On the machine that made the records this is the cost of a fresh run.
+    """
+    newest: dict = {}
+    for r in records.load_records():
+        if r.status == "done" and r.duration_s is not None:
+            key = (r.recipe, r.profile, r.kind)
+            if key not in newest or r.started_at > newest[key].started_at:
+                newest[key] = r
+    total, unknown = 0.0, []
+    for j in jobs:
+        rec = newest.get((j.recipe.id, j.recipe.profile, j.kind))
+        if rec is None:
+            if j.recipe.id not in unknown:
+                unknown.append(j.recipe.id)
+        else:
+            total += rec.duration_s
+    return total, unknown
+
+
 def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = False,
         keep_going: bool = False) -> dict[str, int]:
     """Run the jobs that are not done (all with force); return counts by outcome."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    for i, (job, status) in enumerate(statuses(jobs), 1):
-        forced = force and not job.dependency
-        if status == "done" and not forced:
+    todo = {id(j): (status, forced) for j, status, forced in pending(jobs, force)}
+    for i, job in enumerate(jobs, 1):
+        if id(job) not in todo:
             counts["skipped"] += 1
             if not dry_run:
                 log(f"[dim]skip[/] {job.label} (done; --force reruns)")
             continue
+        status, forced = todo[id(job)]
         if dry_run:
             print(shlex.join(job_command(job, launch, forced)))
             continue
@@ -169,3 +226,75 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
                 raise
             log(f"[red]failed[/] {job.label}: {e}")
     return counts
+
+
+# ---------------------------------------------------------------- Slurm (submitit)
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where and how big each submitted job is (one per recipe)."""
+
+    folder: str = "runs/slurm"  # submitit's logs and pickles
+    nodes: int = 1
+    gpus_per_node: int = 8
+    partition: Optional[str] = None
+    timeout_min: int = 72 * 60
+    cpus_per_task: int = 10
+    account: Optional[str] = None
+    cluster: Optional[str] = None  # None/"slurm"; "local" runs each job as a local process (for testing)
+
+
+def _slurm_entry(recipe_id: str, overrides: tuple, work: list[tuple[str, int, bool]], data: Optional[str]) -> list[str]:
+    """Runs inside the allocation, once per task (GPU): the recipe's jobs in order; rank 0 measures."""
+    import os
+
+    import submitit
+
+    env = submitit.JobEnvironment()
+    if env.num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    from tpcrepro.jobs import run_job
+
+    recipe = load_recipe(recipe_id, overrides)
+    done = []
+    for kind, seed, forced in work:
+        if kind != "train" and env.global_rank != 0:
+            continue  # flops and throughput: one process measures
+        if kind != "train":
+            for var in ("WORLD_SIZE", "RANK"):
+                os.environ.pop(var, None)
+        run_job(recipe, kind, seed, data_root=data, force=forced)
+        done.append(f"{recipe_id} {kind} seed {seed}")
+    return done
+
+
+def submit(jobs: list[Job], cluster: Cluster, data: Optional[str], force: bool = False) -> list[tuple[str, object]]:
+    """One submitit job per recipe with pending work, after the recipes it starts from. Returns (recipe, job)."""
+    import submitit
+
+    work: dict[str, list] = {}
+    recipes: dict[str, Recipe] = {}
+    for job, _, forced in pending(jobs, force):
+        work.setdefault(job.recipe.id, []).append((job.kind, job.seed, forced))
+        recipes[job.recipe.id] = job.recipe
+    submitted: dict[str, object] = {}
+    for rid, items in work.items():
+        ex = submitit.AutoExecutor(folder=cluster.folder, cluster=cluster.cluster)
+        gpus = cluster.gpus_per_node if "train" in {k for k, _, _ in items} else 1
+        extra = {}
+        dep = recipes[rid].model.init_from
+        if dep in submitted and (cluster.cluster or "slurm") == "slurm":
+            extra["slurm_additional_parameters"] = {"dependency": f"afterok:{submitted[dep].job_id}"}
+        if cluster.account and (cluster.cluster or "slurm") == "slurm":
+            extra.setdefault("slurm_additional_parameters", {})["account"] = cluster.account
+        ex.update_parameters(name=f"tpcrepro-{rid.replace('/', '-')}", timeout_min=cluster.timeout_min,
+                             nodes=cluster.nodes if gpus > 1 else 1, tasks_per_node=gpus,
+                             gpus_per_node=gpus if cluster.cluster != "local" else 0,
+                             cpus_per_task=cluster.cpus_per_task, **extra)
+        if cluster.partition and (cluster.cluster or "slurm") == "slurm":
+            ex.update_parameters(slurm_partition=cluster.partition)
+        if dep in submitted and cluster.cluster == "local":
+            submitted[dep].result()  # the local executor has no dependencies: wait for the base run
+        submitted[rid] = ex.submit(_slurm_entry, rid, recipes[rid].overrides, items, data)
+        log(f"submitted {rid}: job {submitted[rid].job_id} ({len(items)} jobs, {gpus} GPU(s) per node)")
+    return list(submitted.items())

@@ -13,7 +13,7 @@ from tpcrepro.errors import UserError
 
 COLUMN_KEYS = ("top1", "top5", "params_m", "gmacs", "images_per_sec", "image_size", "kappa", "params_free")
 METHODS = ("baseline", "tpc", "avit", "evit", "dynamicvit", "tome", "quoted")
-_TABLE_KEYS = {"id", "title", "backbone", "columns", "baseline", "rows"}
+_TABLE_KEYS = {"id", "title", "backbone", "columns", "baseline", "rows", "from_paper", "smoke_seeds"}
 _ROW_KEYS = {"id", "label", "paper", "method", "recipes", "note"}
 
 
@@ -46,6 +46,8 @@ class TableSpec:
     baseline: Optional[str]
     rows: tuple
     path: str = ""
+    from_paper: bool = True  # false: a table of our own (its rows' paper values are all null)
+    smoke_seeds: Optional[tuple] = None  # the seeds `run <table> --profile smoke` plans by default (else 0,1,2)
 
     def row(self, row_id: str) -> Row:
         for r in self.rows:
@@ -92,8 +94,12 @@ def load_table(table_id: str) -> TableSpec:
         _fail(path, "row ids must be unique")
     if d.get("baseline") is not None and d["baseline"] not in ids:
         _fail(path, f"baseline '{d['baseline']}' is not a row id")
+    seeds = d.get("smoke_seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)):
+        _fail(path, f"smoke_seeds must be a list of integers, got {seeds!r}")
     return TableSpec(id=d["id"], title=d["title"], backbone=d["backbone"], columns=cols,
-                     baseline=d.get("baseline"), rows=rows, path=str(path))
+                     baseline=d.get("baseline"), rows=rows, path=str(path), from_paper=bool(d.get("from_paper", True)),
+                     smoke_seeds=tuple(seeds) if seeds else None)
 
 
 def list_tables() -> list[str]:

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -134,12 +135,17 @@ class Fit:
         cfg = self.cfg
         if cfg.batch_size % d.world:
             raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by {d.world} processes")
-        ds = data_mod.build_datasets(recipe.data, recipe.model, data_root)
+        self.token_labels = bool(recipe.data.token_labels)
+        if self.token_labels and not hasattr(getattr(model, "aux_head", None), "weight"):
+            raise UserError(f"data.token_labels trains an aux head per token; {recipe.model.name} has none (use LV-ViT)")
+        grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") else None
+        ds = data_mod.build_datasets(recipe.data, recipe.model, data_root, token_grid=grid)
+        self.num_classes = ds.num_classes
         workers = recipe.data.workers
         self.train_loader = data_mod.train_loader(ds.train, cfg.batch_size // d.world, workers,
                                                   recipe.data.aug, seed, d.rank, d.world)
         self.val_loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size // d.world or 1, workers, d.rank, d.world)
-        self.mixup = data_mod.mixup_fn(recipe.data.aug, ds.num_classes)
+        self.mixup = None if self.token_labels else data_mod.mixup_fn(recipe.data.aug, ds.num_classes)
         self.criterion = criterion_for(recipe.data.aug, self.mixup is not None)
         self.model = model.to(d.device)
         self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[d.local_rank]
@@ -235,16 +241,36 @@ class Fit:
         out.update(token_stats.means(d, prefix="train_"))
         return out
 
+    def token_label_step(self, x, y, dense) -> tuple[torch.Tensor, dict, dict]:
+        """LV-ViT's objective: soft CE on head(CLS) + weight × per-token soft CE on the aux head, with MixToken."""
+        from tpcrepro import token_labeling as tl
+
+        data, grid = self.recipe.data, tuple(self.model.patch_embed.grid_size)
+        box, lam = None, 1.0
+        if data.mixtoken:
+            box, lam = tl.rand_box(grid, float(np.random.beta(1.0, 1.0)))
+        target = tl.mix_targets(y, self.num_classes, lam, data.aug.smoothing)
+        out = self.ddp(x, box=box, dense=True)
+        _, losses, stats = split_output(out)
+        task = tl.token_label_loss(out["logits"], out["aux_tokens"], target, dense, data.token_label_weight)
+        return task, losses, stats
+
     def train_step(self, x, y, epoch: int, step: int) -> dict:
         d, cfg = self.d, self.cfg
+        dense = None
+        if isinstance(y, (list, tuple)):  # token labeling: (labels, dense targets [B, N, K])
+            y, dense = y[0], y[1].to(d.device, non_blocking=True)
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         if self.mixup is not None:
             if len(x) % 2:  # timm's batch mixup pairs images; a skipped image can leave an odd batch
                 x, y = x[:-1], y[:-1]
             x, y = self.mixup(x, y)
         with autocast(cfg, d.device):
-            logits, losses, stats = split_output(self.ddp(x))
-            task = self.criterion(logits.float(), y)
+            if dense is not None:
+                task, losses, stats = self.token_label_step(x, y, dense)
+            else:
+                logits, losses, stats = split_output(self.ddp(x))
+                task = self.criterion(logits.float(), y)
             loss = task + sum(losses.values()) if losses else task
         bad = not bool(torch.isfinite(loss))
         if d.world > 1:  # every rank must stop together, or the others hang in the next all-reduce
@@ -319,4 +345,5 @@ class Fit:
             return {}
         rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
         rates = [r["train_images_per_sec"] for r in rows if not math.isnan(r.get("train_images_per_sec", math.nan))]
-        return {"final_train_loss": rows[-1]["loss"], "train_images_per_sec": sum(rates) / len(rates)}
+        return {"final_train_loss": rows[-1]["loss"], "train_images_per_sec": sum(rates) / len(rates),
+                "history_top1": [r.get("top1") for r in rows]}  # val top-1 after each epoch (Figure 4)

@@ -47,6 +47,9 @@ def create(cfg: ModelCfg, **method: object) -> torch.nn.Module:
 def read_state_dict(path: str | Path) -> dict:
     """A state dict from a timm file, a DeiT-style {'model': ...} file or a tpcrepro checkpoint."""
     p = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    if "$" in str(p):
+        raise UserError(f"pretrained weights {path}: set the environment variable it names "
+                        "(e.g. export TPCREPRO_WEIGHTS=/path/to/weights) or pass model.pretrained=/path/to/file")
     if not p.is_file():
         raise UserError(
             f"pretrained weights {p} not found; pass model.pretrained=/path/to/file, or 'hub' where a network is reachable"

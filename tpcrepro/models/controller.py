@@ -123,11 +123,16 @@ def step(state: TokenState, b_hat: torch.Tensor, p: torch.Tensor, r_tilde: torch
     return TokenState(R, rho, state.halted | halt, pause_left), w, halt
 
 
-def finish(state: TokenState) -> tuple[TokenState, torch.Tensor]:
-    """Tokens still paused after the last layer halt there with their remainder: (state, w_end)."""
-    left = ~state.halted
+def finish(state: TokenState, images: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor]:
+    """Tokens not yet halted halt here with their remainder: (state, w_end).
+
+    After the last layer (images None: all) these are the paused ones; with
+    images [B] bool, only those images' tokens (an image whose CLS halted).
+    """
+    left = ~state.halted if images is None else ~state.halted & images[:, None]
     w_end = state.R * left.float()
-    return TokenState(state.R, state.rho + w_end, state.halted | left, torch.zeros_like(state.pause_left)), w_end
+    pause_left = state.pause_left.masked_fill(left, 0)
+    return TokenState(state.R, state.rho + w_end, state.halted | left, pause_left), w_end
 
 
 # ---------------------------------------------------------------- losses

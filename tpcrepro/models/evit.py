@@ -119,7 +119,7 @@ class EViT(VisionTransformer):
         attn, mlp = self.token_counts()
         d = self.dims
         c = d.embed_dim
-        total = d.num_patches * d.patch_dim * c + 5 * mlp[-1] * c + c * d.num_classes
+        total = d.ends(mlp[-1])
         for a_n, m_n in zip(attn, mlp):
             total += flops.block_macs(a_n, a_n, c, d.mlp_hidden, self.kappa, n_mlp=m_n)
             if self.evit.fuse and m_n < a_n:

@@ -5,18 +5,27 @@ convolutional stem (7×7/2 conv, two 3×3 convs, each with BatchNorm and
 ReLU, then an 8×8/8 projection: 14×14 tokens at 224 px), CLS and learned
 position embedding, qkv without bias, MLP ratio 3, residual branches divided
 by `skip_lam` (1 for T, 2 for S and M), and an auxiliary head over the patch
-tokens. The prediction is head(CLS) + 0.5·max over patches of aux_head; the
-token-labeling loss with dense label maps is not included (plain
-cross-entropy on that prediction). Parameter names match the released
-checkpoints, so their state dicts load as they are.
+tokens. The prediction is head(CLS) + 0.5·max over patches of aux_head.
+Training takes plain cross-entropy on that prediction, or, with dense label
+maps (data.token_labels), LV-ViT's token-labeling loss with MixToken
+(tpcrepro.token_labeling). Parameter names match the released checkpoints,
+so their state dicts load as they are.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
+
+from tpcrepro import flops
+from tpcrepro.models.evit import EViT, EViTCfg
+from tpcrepro.models.smoke import sincos_init_
+from tpcrepro.models.vit import TPCVisionTransformer
+from tpcrepro.token_labeling import Box, swap_box
 
 LVVIT = {
     "t": dict(embed_dim=240, depth=12, num_heads=4, skip_lam=1.0),
@@ -26,21 +35,26 @@ LVVIT = {
 
 
 class ConvStem(nn.Module):
-    """LV-ViT's patch embedding. [B, 3, H, W] -> [B, (H/16)·(W/16), C]."""
+    """LV-ViT's patch embedding. [B, in, H, W] -> [B, (H/p)·(W/p), C] with p = stride · patch.
 
-    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 384, width: int = 64):
+    Released models: stride 2, patch 8 (16×16 pixels per token), width 64.
+    """
+
+    def __init__(self, img_size: int = 224, in_chans: int = 3, embed_dim: int = 384, width: int = 64,
+                 stride: int = 2, patch: int = 8):
         super().__init__()
+        p = stride * patch
         self.img_size = (img_size, img_size)
-        self.patch_size = (16, 16)
-        self.grid_size = (img_size // 16, img_size // 16)
+        self.patch_size = (p, p)
+        self.grid_size = (img_size // p, img_size // p)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, width, 7, stride=stride, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, width, 3, stride=1, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(width)
-        self.proj = nn.Conv2d(width, embed_dim, 8, stride=8)
+        self.proj = nn.Conv2d(width, embed_dim, patch, stride=patch)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,12 +64,15 @@ class ConvStem(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
     def stem_macs(self) -> int:
-        """The convolutions' MACs at this image size (BatchNorm and ReLU not counted)."""
-        h, w = self.img_size[0] // 2, self.img_size[1] // 2
+        """The stem's MACs at this image size: convolutions, and BatchNorm at 2 per element as fvcore counts it."""
+        s = self.conv1.stride[0]
+        hw = (self.img_size[0] // s) * (self.img_size[1] // s)
         c1, c2 = self.conv1, self.conv2
-        conv1 = h * w * c1.out_channels * c1.in_channels * 49
-        conv23 = 2 * h * w * c2.out_channels * c2.in_channels * 9
-        return conv1 + conv23 + self.num_patches * self.proj.out_channels * self.proj.in_channels * 64
+        conv1 = hw * c1.out_channels * c1.in_channels * 49
+        conv23 = 2 * hw * c2.out_channels * c2.in_channels * 9
+        bn = 3 * 2 * hw * c1.out_channels
+        k = self.proj.kernel_size[0]
+        return conv1 + conv23 + bn + self.num_patches * self.proj.out_channels * self.proj.in_channels * k * k
 
 
 class Scale(nn.Module):
@@ -69,46 +86,141 @@ class Scale(nn.Module):
         return x * self.factor if self.factor != 1.0 else x
 
 
-class LVViT(VisionTransformer):
-    """timm VisionTransformer shaped as LV-ViT. forward -> logits [B, classes]."""
+VIT_DEFAULTS = dict(patch_size=16, mlp_ratio=3.0, qkv_bias=False)
 
-    def __init__(self, skip_lam: float = 2.0, img_size: int = 224, in_chans: int = 3, **kwargs):
-        kwargs = {**dict(patch_size=16, mlp_ratio=3.0, qkv_bias=False), **kwargs}
-        super().__init__(img_size=img_size, in_chans=in_chans, **kwargs)
-        self.patch_embed = ConvStem(img_size, in_chans, self.embed_dim)
-        for blk in self.blocks:
-            blk.ls1 = Scale(1.0 / skip_lam)
-            blk.ls2 = Scale(1.0 / skip_lam)
-        self.aux_head = nn.Linear(self.embed_dim, self.num_classes) if self.num_classes else nn.Identity()
+
+def lvvit_parts_(vit: VisionTransformer, skip_lam: float, stem: dict) -> VisionTransformer:
+    """Turn a timm ViT into LV-ViT in place: convolutional stem, residual branches ÷ skip_lam, aux head."""
+    img = vit.patch_embed.img_size[0]
+    vit.patch_embed = ConvStem(img, vit.patch_embed.proj.in_channels, vit.embed_dim, **stem)
+    if vit.patch_embed.num_patches != vit.pos_embed.shape[1] - vit.num_prefix_tokens:
+        raise ValueError(f"the stem's {vit.patch_embed.patch_size} patches do not match patch_size of the ViT")
+    for blk in vit.blocks:
+        blk.ls1 = Scale(1.0 / skip_lam)
+        blk.ls2 = Scale(1.0 / skip_lam)
+    vit.aux_head = nn.Linear(vit.embed_dim, vit.num_classes) if vit.num_classes else nn.Identity()
+    return vit
+
+
+def lvvit_head(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """head(CLS) + 0.5 · max over patch tokens of aux_head (x: normed tokens [B, N, C])."""
+    aux = vit.aux_head(x[:, vit.num_prefix_tokens:])
+    return vit.head(x[:, 0]) + 0.5 * aux.max(dim=1).values
+
+
+def embed_mixed(vit: VisionTransformer, x: torch.Tensor, box: Optional[Box]) -> torch.Tensor:
+    """Patch embedding with MixToken's box taken from the flipped batch (box None: plain), then CLS and positions."""
+    t = vit.patch_embed(x)
+    if box is not None:
+        t = swap_box(t, vit.patch_embed.grid_size, box)
+    return vit.norm_pre(vit._pos_embed(t))
+
+
+def token_outputs(vit: VisionTransformer, normed: torch.Tensor, box: Optional[Box]) -> dict:
+    """Token-labeling outputs from the normed tokens: head(CLS) and the aux head per patch token, unmixed."""
+    aux = vit.aux_head(normed[:, vit.num_prefix_tokens:])
+    if box is not None:
+        aux = swap_box(aux, vit.patch_embed.grid_size, box)
+    return {"logits": vit.head(normed[:, 0]), "aux_tokens": aux}
+
+
+class LVViT(VisionTransformer):
+    """timm VisionTransformer shaped as LV-ViT.
+
+    forward(x) -> logits [B, classes]; forward(x, box=...) (token labeling, MixToken box or None via
+    dense=True) -> {"logits": head(CLS), "aux_tokens": [B, N, classes]}.
+    """
+
+    def __init__(self, skip_lam: float = 2.0, stem: Optional[dict] = None, **kwargs):
+        super().__init__(**{**VIT_DEFAULTS, **kwargs})
+        lvvit_parts_(self, skip_lam, stem or {})
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """head(CLS) + 0.5 · max over patch tokens of aux_head (x: normed tokens [B, N, C])."""
-        if pre_logits:
-            return x[:, 0]
-        aux = self.aux_head(x[:, self.num_prefix_tokens:])
-        return self.head(x[:, 0]) + 0.5 * aux.max(dim=1).values
+        return x[:, 0] if pre_logits else lvvit_head(self, x)
+
+    def forward(self, x: torch.Tensor, box: Optional[Box] = None, dense: bool = False):
+        if box is None and not dense:
+            return super().forward(x)
+        t = self.blocks(embed_mixed(self, x, box))
+        return token_outputs(self, self.norm(t), box)
 
 
-def _make(size: str, pretrained: bool, kwargs: dict) -> LVViT:
+class TPCLVViT(TPCVisionTransformer):
+    """TPC in every LV-ViT block; the aux head reads every token's halting-weighted output (METHOD.md §9)."""
+
+    all_token_outputs = True
+
+    def __init__(self, skip_lam: float = 2.0, stem: Optional[dict] = None, **kwargs):
+        super().__init__(**{**VIT_DEFAULTS, **kwargs})
+        lvvit_parts_(self, skip_lam, stem or {})
+        self.dims = flops.ViTDims.of(self)
+
+    _box: Optional[Box] = None
+    _dense = False
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return embed_mixed(self, x, self._box)
+
+    def _outputs(self, out: torch.Tensor) -> dict:
+        if self._dense or self._box is not None:
+            return token_outputs(self, self.norm(out), self._box)
+        return {"logits": lvvit_head(self, self.norm(out))}
+
+    def forward(self, x: torch.Tensor, box: Optional[Box] = None, dense: bool = False) -> dict:
+        """As TPCVisionTransformer; with box or dense (token labeling) also "aux_tokens", "logits" = head(CLS)."""
+        self._box, self._dense = box, dense
+        try:
+            return super().forward(x)
+        finally:
+            self._box, self._dense = None, False
+
+
+class EViTLVViT(EViT):
+    """EViT's token reorganisation on LV-ViT (the aux head reads the kept tokens and the fused one)."""
+
+    def __init__(self, skip_lam: float = 2.0, stem: Optional[dict] = None, **kwargs):
+        super().__init__(**{**VIT_DEFAULTS, **kwargs})
+        lvvit_parts_(self, skip_lam, stem or {})
+        self.dims = flops.ViTDims.of(self)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x[:, 0] if pre_logits else lvvit_head(self, x)
+
+
+# the smoke LV-ViT: digits at 16×16, stem stride 1 and 2×2 patches (8×8 tokens), width 64, depth 8
+SMOKE = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=4, skip_lam=2.0,
+             stem=dict(width=16, stride=1, patch=2))
+SMOKE_EVIT = EViTCfg(locations=(2, 4, 6))
+LVVIT_SMOKE_DOC = "on the smoke LV-ViT (16×16 digits, 8×8 tokens, width 64, depth 8, stem width 16)"
+
+
+def _make(cls: type, config: dict, pretrained: bool, kwargs: dict, smoke: bool = False):
     if pretrained:
         raise ValueError("LV-ViT has no timm hub weights: set model.pretrained to a released checkpoint file")
     kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    return LVViT(**{**LVVIT[size], **kwargs})
+    model = cls(**{**config, **kwargs})
+    return sincos_init_(model) if smoke else model
 
 
-@register_model
-def lvvit_t(pretrained: bool = False, **kwargs) -> LVViT:
-    """LV-ViT-T: width 240, depth 12, 4 heads (8.53 M params, 2.88 G MACs)."""
-    return _make("t", pretrained, kwargs)
+def _register(name: str, cls: type, config: dict, doc: str, defaults: Optional[dict] = None, smoke: bool = False):
+    def create(pretrained: bool = False, **kwargs):
+        return _make(cls, {**config, **(defaults or {})}, pretrained, kwargs, smoke)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = doc
+    register_model(create)
 
 
-@register_model
-def lvvit_s(pretrained: bool = False, **kwargs) -> LVViT:
-    """LV-ViT-S: width 384, depth 16, 6 heads (26.15 M params, 6.57 G MACs)."""
-    return _make("s", pretrained, kwargs)
-
-
-@register_model
-def lvvit_m(pretrained: bool = False, **kwargs) -> LVViT:
-    """LV-ViT-M: width 512, depth 20, 8 heads (55.83 M params, 12.70 G MACs)."""
-    return _make("m", pretrained, kwargs)
+SIZES = {"t": "width 240, depth 12, 4 heads (8.53 M params, 2.88 G MACs)",
+         "s": "width 384, depth 16, 6 heads (26.15 M params, 6.57 G MACs)",
+         "m": "width 512, depth 20, 8 heads (55.83 M params, 12.70 G MACs)"}
+for _size, _what in SIZES.items():
+    _register(f"lvvit_{_size}", LVViT, LVVIT[_size], f"LV-ViT-{_size.upper()}: {_what}.")
+    _register(f"tpc_lvvit_{_size}", TPCLVViT, LVVIT[_size], f"TPC-ViT on LV-ViT-{_size.upper()}.")
+_register("evit_lvvit_s", EViTLVViT, LVVIT["s"], "EViT (keep 0.7 at blocks 5, 9, 13) on LV-ViT-S.",
+          defaults={"evit": EViTCfg(locations=(4, 8, 12))})
+_register("lvvit_smoke", LVViT, SMOKE, f"LV-ViT {LVVIT_SMOKE_DOC}.", smoke=True)
+_register("tpc_lvvit_smoke", TPCLVViT, SMOKE, f"TPC-ViT {LVVIT_SMOKE_DOC}.", smoke=True)
+_register("evit_lvvit_smoke", EViTLVViT, SMOKE, f"EViT {LVVIT_SMOKE_DOC}.", defaults={"evit": SMOKE_EVIT}, smoke=True)
+BACKBONE = {f"tpc_lvvit_{k}": f"lvvit_{k}" for k in SIZES} | {"tpc_lvvit_smoke": "lvvit_smoke"}

@@ -6,10 +6,16 @@ is constant along a row, so keys are ranked by 2q·k − ‖k‖² (no extra mat
 beyond QKᵀ). Selection is by index (topk), so ties never admit more than κ
 keys, and ranking is done in fp32 (bf16 scores flip near-ties). κ ≥ the
 number of keys is exactly dense attention.
+
+On CUDA the top-κ case runs as one fused Triton kernel (tpcrepro.kernels):
+TPCREPRO_STABILIZER=torch|triton|auto picks the path (auto: Triton on CUDA,
+PyTorch elsewhere; triton also runs on CPU under TRITON_INTERPRET=1).
+Attention dropout always takes the PyTorch path.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -30,6 +36,22 @@ def nearest_keys(q: torch.Tensor, k: torch.Tensor, kappa: int, valid: Optional[t
     return chosen if valid is None else chosen & valid
 
 
+def backend(device: torch.device) -> str:
+    """The path top-κ attention takes on `device`: 'triton' or 'torch' (TPCREPRO_STABILIZER, default auto)."""
+    mode = os.environ.get("TPCREPRO_STABILIZER", "auto").lower()
+    if mode not in ("torch", "triton", "auto"):
+        raise ValueError(f"TPCREPRO_STABILIZER must be torch, triton or auto, got {mode!r}")
+    if mode == "auto":
+        if device.type != "cuda":
+            return "torch"
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
+    return mode
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor] = None,
               kappa: Optional[int] = None, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q·kᵀ·scale) · v over the allowed keys. [B, H, Nq, D] -> [B, H, Nq, D].
@@ -39,6 +61,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional
     """
     mask = valid
     if kappa is not None and kappa < k.shape[-2]:
+        if dropout_p == 0.0 and backend(q.device) == "triton":
+            from tpcrepro.kernels.topk_attention import supports, topk_attention
+
+            if supports(q, k, v, valid):
+                return topk_attention(q, k, v, kappa, valid, scale)
+            if os.environ.get("TPCREPRO_STABILIZER", "auto").lower() == "triton":
+                raise ValueError(f"TPCREPRO_STABILIZER=triton: the kernel does not take q {tuple(q.shape)} "
+                                 f"{q.dtype} on {q.device}, k {tuple(k.shape)} (CPU needs TRITON_INTERPRET=1)")
         mask = nearest_keys(q, k, kappa, valid)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 

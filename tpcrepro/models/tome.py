@@ -100,7 +100,7 @@ class ToMeViT(VisionTransformer):
         d, c = self.dims, self.dims.embed_dim
         head_dim = self.blocks[0].attn.head_dim
         counts = self.token_counts()
-        total = d.num_patches * d.patch_dim * c + c * d.num_classes
+        total = d.embed_macs + c * d.num_classes
         for i, n in enumerate(counts):
             r = min(self.tome.r_at(i), (n - 1) // 2)
             total += flops.block_macs(n, n, c, d.mlp_hidden, self.kappa, n_mlp=n - r)

@@ -108,21 +108,37 @@ class TPCVisionTransformer(VisionTransformer):
     forward(x [B, 3, H, W]) -> {"logits": [B, classes], "losses": {...} (training), "stats": {...}}.
     """
 
+    # True (LV-ViT): the prediction reads every token's halting-weighted output, so when an
+    # image's CLS halts its other tokens halt there too, with their remainders (ctl.finish)
+    all_token_outputs = False
+
     def __init__(self, tpc: Optional[ctl.TPCCfg] = None, kappa: Optional[int] = None,
-                 inference: str = "removed", buckets: int = 4, **kwargs):
+                 inference: str = "removed", buckets: int = 4, kappa_train_only: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.tpc = tpc or ctl.TPCCfg()
-        self.kappa = kappa
+        self._kappa = kappa
+        self.kappa_train_only = kappa_train_only  # the stabilizer in training only; dense attention at inference
         self.inference = inference
         self.buckets = buckets  # removed form: images grouped by token count, padded per group
         self.dims = flops.ViTDims.of(self)
+
+    @property
+    def kappa(self) -> Optional[int]:
+        return None if self.kappa_train_only and not self.training else self._kappa
 
     # -- shared pieces
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_pre(self._pos_embed(self.patch_embed(x)))
 
-    def _head(self, cls_out: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_drop(self.fc_norm(self.norm(cls_out))))
+    def _logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The prediction from the halting-weighted outputs [B, N', C] (N' = 1, CLS only, unless all_token_outputs)."""
+        return self._outputs(out)["logits"]
+
+    def _outputs(self, out: torch.Tensor) -> dict:
+        return {"logits": self.head(self.head_drop(self.fc_norm(self.norm(out[:, 0]))))}
+
+    def _n_out(self, n: int) -> int:
+        return n if self.all_token_outputs else 1
 
     def _decide(self, state, x, computed, last, is_cls):
         p, r_tilde = ctl.gates(x, self.tpc)
@@ -138,8 +154,13 @@ class TPCVisionTransformer(VisionTransformer):
 
     def per_image_macs(self, stats: dict) -> torch.Tensor:
         """Each image's MACs from its per-layer counts (n_q, n_kv, κ); the final norm runs on CLS only. [B]."""
-        return flops.per_image_vit_macs(self.dims, stats["n_q"], stats["n_kv"], self.kappa,
-                                        n_final=torch.ones_like(stats["n_q"][:, 0]))
+        n_final = torch.full_like(stats["n_q"][:, 0], self._n_out(self.dims.num_patches + self.num_prefix_tokens))
+        return flops.per_image_vit_macs(self.dims, stats["n_q"], stats["n_kv"], self.kappa, n_final=n_final)
+
+    def macs_all_tokens(self) -> int:
+        """MACs of one image when every token is computed at every layer (the backbone's count, κ included)."""
+        n = torch.full((1, self.dims.depth), self.dims.num_patches + self.num_prefix_tokens)
+        return int(self.per_image_macs({"n_q": n, "n_kv": n})[0])
 
     @torch.no_grad()
     def gate_report(self, x: torch.Tensor) -> dict:
@@ -179,6 +200,9 @@ class TPCVisionTransformer(VisionTransformer):
             kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
             x = layer_masked(blk, x, computed, kv, self.kappa)
             state, w, halt, b, b_hat = self._decide(state, x, computed, last, is_cls)
+            if self.all_token_outputs and not last and bool(halt[:, 0].any()):
+                state, w_end = ctl.finish(state, images=halt[:, 0])
+                w = w + w_end
             if trace is not None:
                 trace.append({"x": x.detach(), "computed": computed, "paused": paused, "halted": halt})
             if not last:
@@ -193,7 +217,7 @@ class TPCVisionTransformer(VisionTransformer):
             was_paused = paused
         stats = {k: torch.stack(v, 1) for k, v in rows.items()}
         stats["max_break"] = max_break
-        result = {"logits": self._head(out[:, 0]), "stats": stats}
+        result = {**self._outputs(out), "stats": stats}
         if self.training:
             stack = lambda t: torch.stack(t, 1)  # noqa: E731  [B, L, N]
             result["losses"] = ctl.losses(state.rho, stack(ws), stack(bhs), stack(comps), self.tpc)
@@ -208,8 +232,9 @@ class TPCVisionTransformer(VisionTransformer):
         is_cls = self._is_cls(bsz, n, x.device)
         depth = len(self.blocks)
         rows = torch.arange(bsz, device=x.device)  # original batch index of each image still running
-        acc = torch.zeros(bsz, c, device=x.device, dtype=x.dtype)
-        final = torch.zeros(bsz, c, device=x.device, dtype=x.dtype)
+        k = self._n_out(n)  # tokens whose outputs the prediction reads
+        acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
+        final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         stats = {k: torch.zeros(bsz, depth, dtype=torch.long, device=x.device) for k in STAT_KEYS}
         was_paused = torch.zeros_like(is_cls)
         for i, blk in enumerate(self.blocks):
@@ -218,19 +243,21 @@ class TPCVisionTransformer(VisionTransformer):
             kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
             x = layer_removed(blk, x, computed, kv, self.kappa, self.buckets)
             state, w, halt, _, _ = self._decide(state, x, computed, last, is_cls)
-            acc = acc + w[:, :1] * x[:, 0]
+            acc = acc + w[:, :k, None] * x[:, :k]
             for key, m in zip(STAT_KEYS, (computed, kv, paused, halt, computed & was_paused)):
                 stats[key][rows, i] = m.sum(1)
             was_paused = paused
             done = state.halted[:, 0]
             if bool(done.any()) or last:
-                final[rows[done | last]] = acc[done | last]
+                ended = done | last
+                acc = acc + (state.R * ~state.halted)[:, :k, None] * ended[:, None, None] * x[:, :k]  # ctl.finish
+                final[rows[ended]] = acc[ended]
                 keep = ~done
                 x, acc, rows, is_cls, was_paused = x[keep], acc[keep], rows[keep], is_cls[keep], was_paused[keep]
                 state = state.index(keep)
                 if not len(rows):
                     break
-        return {"logits": self._head(final), "stats": stats}
+        return {**self._outputs(final), "stats": stats}
 
     def forward(self, x: torch.Tensor) -> dict:
         if self.training or self.inference == "masked":
