@@ -96,6 +96,10 @@ def run(
     if seeds is None and profile == "smoke" and target in tables.list_tables() and tables.load_table(target).smoke_seeds:
         seeds = ",".join(map(str, tables.load_table(target).smoke_seeds))  # the table's own default (its cost)
     jobs = runner.plan(recipes, _seeds(seeds, profile), wanted)
+    speed_tables = [t for t in (tables.list_tables() if target == "all" else [target] if target in tables.list_tables()
+                                else []) if any(c.key == "images_per_sec" for c in tables.load_table(t).columns)]
+    if speed_tables:  # their speed comes from one side-by-side protocol, not from one job per model
+        jobs = [j for j in jobs if j.kind != "throughput"]
     launch = runner.Launch(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                            rdzv_endpoint=rdzv_endpoint, data=data, device=device)
     if dry_run:
@@ -119,11 +123,14 @@ def run(
         submitted = runner.submit(jobs, cluster, data, force)
         if launcher == "submitit-local":
             for rid, sj in submitted:
-                sj.result()
+                sj.results()
             report.write_all(table_ids=tables.list_tables() if target == "all" or target not in tables.list_tables() else [target])
         typer.echo(f"{len(submitted)} job(s) submitted; `tpcrepro list` shows progress, `tpcrepro report` renders the tables")
         return
     counts = runner.run(jobs, launch, force=force, dry_run=dry_run, keep_going=keep_going)
+    if wanted is None or "throughput" in wanted:
+        for tid in speed_tables:
+            _speed_protocol(tid, profile, device, force)
     ids = tables.list_tables() if target == "all" or target not in tables.list_tables() else [target]
     written = report.write_all(table_ids=ids)
     typer.echo(f"{counts['done']} run, {counts['skipped']} already done, {counts['failed']} failed; "
@@ -284,6 +291,28 @@ def models(pattern: str = typer.Argument("*", help="Filter, e.g. 'deit*' or '*sm
 
     for name in timm.list_models(pattern):
         typer.echo(name)
+
+
+def _speed_protocol(table_id: str, profile: str, device: Optional[str], force: bool) -> None:
+    """Run a table's side-by-side speed protocol unless its records are there (for the current recipes)."""
+    from tpcrepro import paths, records, speedtable
+
+    items, _ = speedtable.entries(table_id, profile)
+    latest = records.latest(records.load_records())
+    done = all((e.recipe.id, profile, "throughput", 0, e.recipe.hash) in latest and
+               "side by side" in latest[(e.recipe.id, profile, "throughput", 0, e.recipe.hash)].settings.get("protocol", "")
+               for e in items)
+    if done and not force:
+        typer.echo(f"{table_id}: speed already measured side by side (--force remeasures)")
+        return
+    rows = speedtable.run(table_id, profile, device)
+    from tpcrepro.records import atomic_write_text, device_name
+
+    dev = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    path = paths.results_dir() / "tables" / f"{table_id}_speed_{profile}.md"
+    atomic_write_text(path, f"# {table_id}: speed by one protocol ({profile} profile)\n\n"
+                      + speedtable.markdown(rows, device_name(dev)))
+    typer.echo(f"speed grid: {path}")
 
 
 FIGURES = ("fig1", "fig4", "fig5", "tradeoff")

@@ -231,19 +231,10 @@ def tradeoff(groups: Mapping[str, Sequence[str]] | None = None, profile: str = "
 # ---------------------------------------------------------------- models and images
 
 def load_run_model(recipe_id: str, seed: int = 0, checkpoint: Path | None = None) -> torch.nn.Module:
-    """A recipe's model with the weights of its run (runs/<recipe>/<hash>/s<seed>/checkpoint.pt), in eval mode."""
-    from tpcrepro import jobs, weights
-    from tpcrepro.models import method_kwargs
-    from tpcrepro.recipe import load_recipe
+    """A recipe's model with the weights of its run, in eval mode (see jobs.load_run_model)."""
+    from tpcrepro import jobs
 
-    recipe = load_recipe(recipe_id)
-    path = Path(checkpoint) if checkpoint else jobs.run_dir_for(recipe, seed) / "checkpoint.pt"
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; run `tpcrepro run {recipe_id} --seeds {seed}` or pass checkpoint")
-    m = recipe.model
-    model = weights.create(m.__class__(**{**m.__dict__, "pretrained": None}), **method_kwargs(recipe))
-    weights.load_weights(model, path)
-    return model.eval()
+    return jobs.load_run_model(recipe_id, seed, checkpoint)
 
 
 def digits_images(n: int = 4, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,17 @@ def init_checkpoint(recipe_id: str, seed: int) -> Path:
     return path
 
 
+def load_run_model(recipe_id: str, seed: int = 0, checkpoint: Optional[Path] = None) -> torch.nn.Module:
+    """A recipe's model with the weights of its run (runs/<recipe>/<hash>/s<seed>/checkpoint.pt), in eval mode."""
+    recipe = load_recipe(recipe_id)
+    path = Path(checkpoint) if checkpoint else run_dir_for(recipe, seed) / "checkpoint.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; run `tpcrepro run {recipe_id} --seeds {seed}` or pass checkpoint")
+    model = _static_model(recipe)
+    weights.load_weights(model, path)
+    return model.eval()
+
+
 def _static_model(recipe: Recipe) -> torch.nn.Module:
     m = recipe.model  # weights do not change a static count: skip loading them
     return weights.create(m.__class__(**{**m.__dict__, "pretrained": None}), **method_kwargs(recipe))

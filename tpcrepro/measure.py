@@ -136,21 +136,30 @@ def describe_throughput(out: dict) -> str:
 def bench(name: str, target_macs: float, kappa: Optional[int], spread: float, device: Optional[str],
           batch_size: Optional[int], precision: Optional[str]) -> dict:
     """Benchmark mode: the dense backbone vs the TPC model at a fixed token schedule, in one run."""
-    from tpcrepro.bench import compare_at_macs
-    from tpcrepro.models.vit import BACKBONE
+    from tpcrepro.bench import compare_at_macs, compare_swin_at_macs
+    from tpcrepro.models import lvvit, swin, vit
 
-    if name not in BACKBONE:
-        raise UserError(f"benchmark mode takes a TPC model ({', '.join(BACKBONE)}), got '{name}'")
+    known = vit.BACKBONE | lvvit.BACKBONE | swin.BACKBONE
+    if name not in known:
+        raise UserError(f"benchmark mode takes a TPC model ({', '.join(known)}), got '{name}'")
     p = protocol(device, batch_size, precision, False)
     import timm
 
     torch.manual_seed(0)
-    backbone = timm.create_model(BACKBONE[name])  # its default size, classes and channels
-    model = timm.create_model(name, num_classes=backbone.num_classes, img_size=backbone.patch_embed.img_size,
-                              in_chans=backbone.patch_embed.proj.in_channels, kappa=kappa)
-    model.load_state_dict(backbone.state_dict())
-    res = compare_at_macs(model, backbone, target_macs, p, spread)
-    return {"model": name, "backbone": BACKBONE[name], "target_macs": target_macs, **res, "settings": speed.settings(p)}
+    backbone = timm.create_model(known[name])  # its default size, classes and channels
+    img = backbone.patch_embed.img_size
+    pe = backbone.patch_embed
+    args = dict(num_classes=backbone.num_classes, img_size=img, in_chans=getattr(pe, "conv1", pe.proj).in_channels)
+    if name in swin.BACKBONE:
+        model = timm.create_model(name, **args)
+        model.load_state_dict(backbone.state_dict())
+        res = compare_swin_at_macs(model, backbone, target_macs, p, spread)
+        res.update(removed_padded_ratio=float("nan"))
+    else:
+        model = timm.create_model(name, kappa=kappa, **args)
+        model.load_state_dict(backbone.state_dict())
+        res = compare_at_macs(model, backbone, target_macs, p, spread)
+    return {"model": name, "backbone": known[name], "target_macs": target_macs, **res, "settings": speed.settings(p)}
 
 
 def describe_bench(out: dict) -> str:

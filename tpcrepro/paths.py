@@ -10,11 +10,11 @@ ROOT = Path(os.environ.get("TPCREPRO_ROOT", PACKAGE_DIR.parent))
 
 
 def tables_dir() -> Path:
-    return ROOT / "tables"
+    return Path(os.environ.get("TPCREPRO_TABLES", ROOT / "tables"))
 
 
 def recipes_dir() -> Path:
-    return ROOT / "recipes"
+    return Path(os.environ.get("TPCREPRO_RECIPES", ROOT / "recipes"))
 
 
 def results_dir() -> Path:

@@ -26,6 +26,7 @@ METRIC_OF = {
     "params_m": (("flops",), "params", 1e-6),
     "gmacs": (("train", "flops"), "macs", 1e-9),
     "images_per_sec": (("throughput",), "images_per_sec", 1.0),
+    "speed_ratio": (("throughput",), "ratio", 1.0),  # against the table's baseline, timed side by side
 }
 SMOKE_SCALE = {"gmacs": ("MACs (M)", 1e-6), "params_m": ("Params (M)", 1e-6)}
 SMOKE_BASELINE = "smoke/vit"  # the smoke backbone: MACs ratios are against it
@@ -152,6 +153,8 @@ def smoke_frame(spec: tables.TableSpec, latest: dict) -> Optional[pd.DataFrame]:
             line[f"{header}, smoke"] = fmt(v, 2 if key in ("gmacs", "params_m") else 1)
         if base_macs:
             line["MACs ÷ backbone"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}" if "gmacs" in vals else "—"
+        if "images_per_sec" in headers:
+            line["Speed ÷ backbone (side by side, CPU)"] = fmt(vals.get("speed_ratio"), 2)
         line["Source"] = _source(row, ours, "smoke")
         out.append(line)
     return pd.DataFrame(out)

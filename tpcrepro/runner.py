@@ -294,7 +294,7 @@ def submit(jobs: list[Job], cluster: Cluster, data: Optional[str], force: bool =
         if cluster.partition and (cluster.cluster or "slurm") == "slurm":
             ex.update_parameters(slurm_partition=cluster.partition)
         if dep in submitted and cluster.cluster == "local":
-            submitted[dep].result()  # the local executor has no dependencies: wait for the base run
+            submitted[dep].results()  # the local executor has no dependencies: wait for the base run
         submitted[rid] = ex.submit(_slurm_entry, rid, recipes[rid].overrides, items, data)
         log(f"submitted {rid}: job {submitted[rid].job_id} ({len(items)} jobs, {gpus} GPU(s) per node)")
     return list(submitted.items())

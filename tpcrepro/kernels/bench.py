@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,9 @@ def stabilizer_block_bench(batch: int = 256, tokens: int = 197, dim: int = 384, 
             fwd(xg).backward(grad)
         return run
 
-    stab = lambda t: block_forward(blk, t, None, None, kappa)  # noqa: E731
+    def stab(t: torch.Tensor) -> torch.Tensor:
+        return block_forward(blk, t, None, None, kappa)
+
     blk.eval()
     with torch.no_grad():
         core = _median_ms({"dense": lambda: F.scaled_dot_product_attention(q, k, v),

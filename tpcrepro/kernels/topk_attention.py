@@ -45,7 +45,7 @@ def _topk_attention_fwd(Q, K, V, O, VALID, KEEP,
     pid = tl.program_id(0)
     n_mblk = tl.cdiv(NQ, BLOCK_M)
     bh = pid // n_mblk
-    b = bh // H
+    b = (bh // H).to(tl.int64)  # 64-bit base offsets: large batches pass 2³¹ elements
     h = bh % H
     rows = (pid % n_mblk) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -80,7 +80,10 @@ def _topk_attention_fwd(Q, K, V, O, VALID, KEEP,
     r = tl.where(valid, s - half_kk[None, :], float("-inf"))  # from here on, valid ⇔ R > −∞
 
     # Row statistics: count, range, mean and spread of the valid ranks.
-    nval = tl.sum((r > float("-inf")).to(tl.int32), 1)
+    if HAS_VALID:
+        nval = tl.sum((r > float("-inf")).to(tl.int32), 1)
+    else:
+        nval = tl.zeros([BLOCK_M], tl.int32) + NK
     kt = tl.minimum(nval, kappa)
     rmax = tl.where(nval > 0, tl.max(r, 1), 0.0)
     rmin = tl.where(nval > 0, tl.min(tl.where(r > float("-inf"), r, float("inf")), 1), 0.0)
@@ -165,7 +168,7 @@ def _topk_attention_fwd(Q, K, V, O, VALID, KEEP,
     tl.store(O + b * sob + h * soh + rows[:, None] * som + dd[None, :], o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
     if STORE_KEEP:
-        tl.store(KEEP + (bh * NQ + rows[:, None]) * NK + cols[None, :], keep.to(tl.int8),
+        tl.store(KEEP + bh.to(tl.int64) * NQ * NK + rows[:, None] * NK + cols[None, :], keep.to(tl.int8),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -174,8 +177,8 @@ def _interpreting() -> bool:
 
 
 def _blocks(nk: int, d: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_D): all keys, the head dim padded."""
-    return max(16, triton.next_power_of_2(nk)), max(16, triton.next_power_of_2(d))
+    """(BLOCK_N, BLOCK_D): all keys; the head dim padded, to 64 at least (narrower tiles spill registers)."""
+    return max(16, triton.next_power_of_2(nk)), max(64, triton.next_power_of_2(d))
 
 
 def _configs(bn: int, bd: int, f32: bool) -> list[tuple[int, int]]:
@@ -188,7 +191,7 @@ def _configs(bn: int, bd: int, f32: bool) -> list[tuple[int, int]]:
             256: [(16, 4), (16, 8), (32, 8)]}[max(bn, 64)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(bn: int, bd: int, f32: bool) -> triton.runtime.Autotuner:
     """The kernel timed over its candidate configs on the first call per (keys, head dim, mask, keep) tile."""
     configs = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=1) for m, w in _configs(bn, bd, f32)]
@@ -219,7 +222,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor], kappa: int,
-             scale: float, store_keep: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             scale: float, store_keep: bool, config: Optional[tuple[int, int]] = None
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(output, chosen keys [B, H, Nq, Nk] bool if store_keep). config: (BLOCK_M, num_warps), else autotuned
+    (the interpreter: the largest BLOCK_M, fewest programs)."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     b, h, nq, d = q.shape
     nk = k.shape[-2]
@@ -236,11 +242,13 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[
         ms = m.stride()[:3]
     args = (q, k, v, o, m, keep, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *ms,
             h, nq, nk, d, int(kappa), float(scale) * math.log2(math.e))
-    meta = dict(BLOCK_N=bn, BLOCK_D=bd, HAS_VALID=valid is not None, STORE_KEEP=store_keep,
-                DOT_F32=f32 or _interpreting(), PRECISION="ieee" if _interpreting() else "tf32x3", MAX_ITERS=MAX_IT)
-    grid = lambda meta: (b * h * triton.cdiv(nq, meta["BLOCK_M"]),)  # noqa: E731
-    if _interpreting():
-        bm, warps = _configs(bn, bd, f32)[0]
+    meta = {"BLOCK_N": bn, "BLOCK_D": bd, "HAS_VALID": valid is not None, "STORE_KEEP": store_keep,
+            "DOT_F32": f32 or _interpreting(), "PRECISION": "ieee" if _interpreting() else "tf32x3", "MAX_ITERS": MAX_IT}
+
+    def grid(meta: dict) -> tuple[int]:
+        return (b * h * triton.cdiv(nq, meta["BLOCK_M"]),)
+    if config is not None or _interpreting():
+        bm, warps = config or max(_configs(bn, bd, f32))
         _topk_attention_fwd[grid](*args, BLOCK_M=bm, num_warps=warps, num_stages=1, **meta)
     else:
         _tuned(bn, bd, f32)[grid](*args, **meta)
@@ -271,7 +279,7 @@ class _TopKAttention(torch.autograd.Function):
 
 def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kappa: int,
                    valid: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(scale·q·kᵀ)·v over, per query, the κ valid keys with the largest 2q·k − ‖k‖² (the κ nearest).
+    """softmax(scale·q·kᵀ)·v over each query's κ valid keys with the largest 2q·k − ‖k‖² (the κ nearest).
 
     q [B, H, Nq, D], k, v [B, H, Nk, D]; valid bool broadcastable to [B, H, Nq, Nk]. κ ≥ the number of valid
     keys is dense attention over them. Returns [B, H, Nq, D] in q's dtype. Check `supports` first.

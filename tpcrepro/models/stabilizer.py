@@ -66,7 +66,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional
 
             if supports(q, k, v, valid):
                 return topk_attention(q, k, v, kappa, valid, scale)
-            if os.environ.get("TPCREPRO_STABILIZER", "auto").lower() == "triton":
+            if q.device.type != "cuda" or os.environ.get("TPCREPRO_STABILIZER", "").lower() == "triton":
                 raise ValueError(f"TPCREPRO_STABILIZER=triton: the kernel does not take q {tuple(q.shape)} "
                                  f"{q.dtype} on {q.device}, k {tuple(k.shape)} (CPU needs TRITON_INTERPRET=1)")
         mask = nearest_keys(q, k, kappa, valid)

@@ -1,0 +1,83 @@
+"""A whole table end to end on a 2-row fixture: plan, train, count, report; resumable; through submitit too."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from tpcrepro.cli import app
+
+FIXTURE_TABLE = """
+id: fixture
+title: "A two-row fixture"
+backbone: deit_s
+columns:
+  - {key: top1, header: "Top-1"}
+  - {key: gmacs, header: "FLOPs (G)"}
+baseline: vit
+rows:
+  - {id: vit, label: "ViT", paper: {top1: 79.8, gmacs: 4.6}, method: baseline, recipes: {smoke: fx/vit}}
+  - {id: tpc, label: "Ours", paper: {top1: 80.8, gmacs: 2.8}, method: tpc, recipes: {smoke: fx/tpc}}
+"""
+VIT = """profile: smoke
+jobs: [train, flops]
+model: {name: vit_smoke_patch2_16, num_classes: 10, img_size: 16, in_chans: 1, kwargs: {depth: 2}}
+data: {dataset: digits, workers: 0, subset_train: 64, subset_val: 32,
+       aug: {auto_augment: null, color_jitter: 0.0, hflip: 0.0, re_prob: 0.0, mixup: 0.0, cutmix: 0.0, smoothing: 0.0}}
+train: {epochs: 1, batch_size: 32, warmup_epochs: 0}
+eval: {batch_size: 32}
+"""
+TPC = VIT.replace("vit_smoke_patch2_16, num_classes", "tpc_vit_smoke, init_from: fx/vit, num_classes") + "tpc: {beta: 0.0}\n"
+
+
+@pytest.fixture
+def fixture_project(tmp_path, monkeypatch):
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "fixture.yaml").write_text(FIXTURE_TABLE)
+    (tmp_path / "recipes" / "fx").mkdir(parents=True)
+    (tmp_path / "recipes" / "fx" / "vit.yaml").write_text(VIT)
+    (tmp_path / "recipes" / "fx" / "tpc.yaml").write_text(TPC)
+    monkeypatch.setenv("TPCREPRO_TABLES", str(tmp_path / "tables"))
+    monkeypatch.setenv("TPCREPRO_RECIPES", str(tmp_path / "recipes"))
+    return tmp_path
+
+
+def test_a_table_runs_end_to_end_resumes_and_reports_deterministically(fixture_project):
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", "fixture", "--seeds", "0"])
+    assert res.exit_code == 0, res.output
+    assert "4 run, 0 already done" in res.output  # vit train + flops, tpc train + flops
+    report = fixture_project / "results" / "tables" / "fixture.md"
+    text = report.read_text()
+    assert "`fx/vit` seeds 0" in text and "`fx/tpc` seeds 0" in text and "not ImageNet" in text
+    again = runner.invoke(app, ["run", "fixture", "--seeds", "0"])
+    assert "0 run, 4 already done" in again.output
+    assert runner.invoke(app, ["report", "fixture"]).exit_code == 0
+    assert report.read_text() == text  # the same records give the same bytes
+    dry = runner.invoke(app, ["run", "fixture", "--seeds", "0,1", "--dry-run"])
+    assert "fx/vit --kind train --seed 1" in dry.output and "min by the records' durations" in dry.output
+
+
+def test_kinds_restricts_the_plan(fixture_project):
+    res = CliRunner().invoke(app, ["run", "fixture", "--kinds", "flops"])
+    assert res.exit_code == 0, res.output
+    assert "2 run" in res.output
+    recs = list((fixture_project / "results" / "records").glob("*.json"))
+    assert len(recs) == 2 and all("__flops__" in p.name for p in recs)
+
+
+def test_submitit_local_executor_runs_a_row(fixture_project):
+    pytest.importorskip("submitit")
+    res = CliRunner().invoke(app, ["run", "fx/vit", "--seeds", "0", "--launcher", "submitit-local",
+                                   "--gpus-per-node", "1", "--slurm-dir", str(fixture_project / "slurm")])
+    assert res.exit_code == 0, res.output
+    assert "1 job(s) submitted" in res.output
+    names = sorted(p.name.split("__")[2] for p in (fixture_project / "results" / "records").glob("*.json"))
+    assert names == ["flops", "train"]
+
+
+def test_paper_dry_run_states_gpu_hours():
+    res = CliRunner().invoke(app, ["run", "table6", "--profile", "paper", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "swin/tpc_swin_t --kind train" in res.output
+    assert "A100-class GPU-hours" in res.output
