@@ -24,7 +24,7 @@ PNG = b"\x89PNG"
 
 def _trace(rows):
     """rows: per layer (computed, paused, halted), each a list of per-image lists of 0/1."""
-    as_mask = lambda v: torch.tensor(v, dtype=torch.bool)
+    as_mask = lambda v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
     return [dict(zip(("computed", "paused", "halted"), map(as_mask, layer))) for layer in rows]
 
 

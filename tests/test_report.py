@@ -52,7 +52,8 @@ def test_list_statuses():
     assert rows[("table5", "deit_b")]["paper"] == "stale"
     assert rows[("table3", "tokenlearner")]["paper"] == "quoted"
     assert rows[("table3", "ours")]["smoke"] == "missing"
-    assert rows[("table7", "ours_lvvit_t")]["smoke"] == "no recipe"
+    assert rows[("table7", "ours_lvvit_t")]["smoke"] == "missing"
+    assert rows[("ablation", "reuse_none")]["paper"] == "no recipe"  # a table of our own runs at smoke scale only
 
 
 def test_latest_record_wins():

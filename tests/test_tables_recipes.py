@@ -50,3 +50,13 @@ def test_every_recipe_loads_and_opens_with_a_comment(rid):
 def test_base_recipes_are_not_listed():
     assert not [r for r in list_recipes() if r.startswith("_")]
     assert (paths.recipes_dir() / "_base").is_dir()
+
+
+@pytest.mark.parametrize("spec", tables.load_all(), ids=lambda s: s.id)
+def test_every_runnable_row_has_a_smoke_recipe(spec):
+    """A row tpcrepro runs at paper scale also runs at smoke scale (its small stand-in backbone)."""
+    for row in spec.rows:
+        if not row.quoted and spec.from_paper:
+            assert "paper" in row.recipes and "smoke" in row.recipes, f"{spec.id}/{row.id}"
+        if not spec.from_paper:
+            assert set(row.recipes) == {"smoke"}, f"{spec.id}/{row.id}: a table of our own runs at smoke scale"

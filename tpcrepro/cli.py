@@ -156,12 +156,18 @@ def job(
 
 
 @app.command()
-def report(tables_: Optional[List[str]] = typer.Argument(None, metavar="[TABLE]...", help="Tables to render (default: all).")) -> None:
+def report(
+    tables_: Optional[List[str]] = typer.Argument(None, metavar="[TABLE]...", help="Tables to render (default: all)."),
+    readme: Optional[str] = typer.Option(None, "--readme", help="Also refill this README's generated blocks "
+                                         "(<!-- generated: TABLE --> … <!-- /generated -->) with the smoke tables."),
+) -> None:
     """Render results/tables/<table>.md from the records: the paper's numbers beside ours."""
     from tpcrepro import report as report_mod
 
     for p in report_mod.write_all(table_ids=tables_ or None):
         typer.echo(str(p))
+    if readme:
+        typer.echo(f"{readme}: {report_mod.update_readme(Path(readme))} generated blocks refilled")
 
 
 @app.command("list")

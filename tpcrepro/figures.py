@@ -204,7 +204,7 @@ def tradeoff(groups: Mapping[str, Sequence[str]] | None = None, profile: str = "
             pts.append((rid, macs, v["top1"]))
         if not pts:
             continue
-        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
+        sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
         ax.errorbar([statistics.fmean(m) for _, m, _ in pts], [statistics.fmean(t) for _, _, t in pts],
                     xerr=[sd(m) for _, m, _ in pts], yerr=[sd(t) for _, _, t in pts],
                     marker="o", ms=4, capsize=3, label=label)

@@ -164,12 +164,16 @@ def bench(name: str, target_macs: float, kappa: Optional[int], spread: float, de
 
 def describe_bench(out: dict) -> str:
     s = out["settings"]
+    if out["buckets"]:
+        removed = f"removed, {out['buckets']} buckets"
+        padded = f" | removed, padded to the batch max {out['removed_padded_ratio']:.2f}x"
+    else:  # Swin: the MLP on the computed tokens, packed over the batch (no padding)
+        removed, padded = "removed (norm2 + MLP on the computed tokens, packed)", ""
     return (f"{out['model']} at {out['macs'] / 1e9:.3f} G MACs (mean {out['mean_tokens']} tokens per layer, ±{out['spread']:.0%} "
             f"per image; benchmark mode, random weights) vs {out['backbone']} at {out['dense_macs'] / 1e9:.3f} G, "
             f"batch {s['batch_size']} {s['precision']} on {s['device_name']}:\n"
-            f"  MACs ratio {out['macs_ratio']:.2f}x | removed, {out['buckets']} buckets {out['removed_ratio']:.2f}x "
-            f"({out['removed_images_per_sec']:.1f} img/s) | removed, padded to the batch max "
-            f"{out['removed_padded_ratio']:.2f}x | masked {out['masked_ratio']:.2f}x | dense "
+            f"  MACs ratio {out['macs_ratio']:.2f}x | {removed} {out['removed_ratio']:.2f}x "
+            f"({out['removed_images_per_sec']:.1f} img/s){padded} | masked {out['masked_ratio']:.2f}x | dense "
             f"{out['dense_images_per_sec']:.1f} img/s")
 
 

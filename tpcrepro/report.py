@@ -8,6 +8,8 @@ seeds. Every number of ours names the recipe, its hash, seeds and commit.
 
 from __future__ import annotations
 
+import re
+
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +154,8 @@ def smoke_frame(spec: tables.TableSpec, latest: dict) -> Optional[pd.DataFrame]:
                 v = [x / METRIC_OF[key][2] * scale for x in v]
             line[f"{header}, smoke"] = fmt(v, 2 if key in ("gmacs", "params_m") else 1)
         if base_macs:
-            line["MACs ÷ backbone"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}" if "gmacs" in vals else "—"
+            what = "backbone" if base is None or base.method == "baseline" else f"`{base_id}`"
+            line[f"MACs ÷ {what}"] = f"{statistics.fmean(vals['gmacs']) / base_macs:.3f}" if "gmacs" in vals else "—"
         if "images_per_sec" in headers:
             line["Speed ÷ backbone (side by side, CPU)"] = fmt(vals.get("speed_ratio"), 2)
         line["Source"] = _source(row, ours, "smoke")
@@ -198,3 +201,25 @@ def write_all(out_dir: Optional[Path] = None, table_ids: Optional[list[str]] = N
         records.atomic_write_text(path, render(tables.load_table(tid), latest))
         written.append(path)
     return written
+
+
+README_BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- /generated -->)", re.S)
+
+
+def update_readme(path: Path) -> int:
+    """Refill the README's generated blocks (<!-- generated: TABLE --> … <!-- /generated -->) with each table's
+    smoke-scale frame, as `report` renders it. Returns how many blocks were filled."""
+    latest = records.latest(records.load_records())
+    text = path.read_text()
+    count = 0
+
+    def fill(m: re.Match) -> str:
+        nonlocal count
+        spec = tables.load_table(m.group(2))
+        frame = smoke_frame(spec, latest)
+        body = frame.to_markdown(index=False, disable_numparse=True) if frame is not None else "(no smoke rows)"
+        count += 1
+        return f"{m.group(1)}{body}\n{m.group(4)}"
+
+    records.atomic_write_text(path, README_BLOCK.sub(fill, text))
+    return count

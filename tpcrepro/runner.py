@@ -161,14 +161,15 @@ def pending(jobs: list[Job], force: bool = False) -> list[tuple[Job, str, bool]]
 
 
 def gpu_hours(jobs: list[Job]) -> tuple[float, list[str]]:
-    """The stated cost (recipe key cost_gpu_hours, for all of a recipe's jobs) of the recipes among `jobs`.
+    """The stated cost (recipe key cost_gpu_hours: its training or evaluation) of the train jobs among `jobs`.
 
-    A recipe's cost is counted once per seed it trains. Returns (total, recipes that state none).
+    Counted once per seed trained; flops and throughput jobs are minutes and not counted.
+    Returns (total, recipes that state none).
     """
     total, unknown, seen = 0.0, [], set()
     for j in jobs:
-        key = (j.recipe.id, j.seed if j.kind == "train" else None)
-        if key in seen or (j.kind != "train" and any(k[0] == j.recipe.id for k in seen)):
+        key = (j.recipe.id, j.seed)
+        if j.kind != "train" or key in seen:
             continue
         seen.add(key)
         if j.recipe.cost_gpu_hours is None:

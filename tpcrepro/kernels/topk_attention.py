@@ -35,7 +35,7 @@ MAX_IT = 48  # probes per row at most; the Illinois bracket shrinks far faster
 
 
 @triton.jit
-def _topk_attention_fwd(Q, K, V, O, VALID, KEEP,
+def _topk_attention_fwd(Q, K, V, O, VALID, KEEP,  # noqa: E741 (Triton: Q, K, V, O)
                         sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                         smb, smh, smm,
                         H, NQ, NK, D, kappa, qk_scale,
