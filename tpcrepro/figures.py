@@ -58,6 +58,7 @@ def table_groups(table_id: str = "tradeoff", profile: str = "smoke") -> dict[str
 
 
 BASELINE = {"smoke": "smoke/vit", "paper": "deit/deit_s"}
+AXIS_SPAN = 12.0  # top-1 points shown below the best point of a trade-off figure
 DATA_NAME = {"smoke": "digits 16×16, smoke ViT; not ImageNet", "paper": "ImageNet-1K"}
 
 Curve = dict[int, float]  # epoch (0-based) -> top-1
@@ -187,9 +188,9 @@ def tradeoff(groups: Mapping[str, Sequence[str]] | None = None, profile: str = "
     base = collect(baseline, profile, latest) if baseline else None
     base_macs = statistics.fmean(base.values["gmacs"]) if base and "gmacs" in base.values else None
     unit, scale = ("M", 1e3) if profile == "smoke" else ("G", 1.0)
-    fig = Figure(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(7.5, 5.0))
     ax = fig.add_subplot()
-    skipped, stale, drawn = [], [], 0
+    skipped, stale, drawn, means = [], [], 0, []
     for label, recipe_ids in groups.items():
         pts = []
         for rid in recipe_ids:
@@ -212,6 +213,7 @@ def tradeoff(groups: Mapping[str, Sequence[str]] | None = None, profile: str = "
             for rid, m, t in (pts[0], pts[-1]):
                 ax.annotate(rid.split("/")[-1], (statistics.fmean(m), statistics.fmean(t)), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
+        means += [(rid, statistics.fmean(m), statistics.fmean(t)) for rid, m, t in pts]
         drawn += len(pts)
     if skipped:
         log(f"tradeoff: no train record with top1 and macs for {', '.join(skipped)}; skipped")
@@ -220,6 +222,14 @@ def tradeoff(groups: Mapping[str, Sequence[str]] | None = None, profile: str = "
     if not drawn:
         raise UserError(f"tradeoff: no {profile} records with top1 and MACs for any of {', '.join(skipped)}; "
                         "run the recipes (train and flops jobs) first")
+    top = max(t for _, _, t in means)
+    floor = top - AXIS_SPAN  # far-below points would flatten the others: clip them, with their value written
+    below = [(rid, x, t) for rid, x, t in means if t < floor]
+    if below:
+        ax.set_ylim(floor - 1, top + 1)
+        for rid, x, t in below:
+            ax.annotate(f"{rid.split('/')[-1]}: {t:.1f} % ↓", (x, floor - 1), xytext=(0, 6), textcoords="offset points",
+                        fontsize=7, ha="center", arrowprops=dict(arrowstyle="->", lw=0.8))
     xlabel = f"MACs ÷ {baseline}" if base_macs else f"MACs ({unit})"
     ax.set(xlabel=xlabel, ylabel="top-1 (%)",
            title=f"Accuracy against compute ({profile}: {DATA_NAME.get(profile, profile)})")
