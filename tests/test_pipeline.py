@@ -14,10 +14,11 @@ backbone: deit_s
 columns:
   - {key: top1, header: "Top-1"}
   - {key: gmacs, header: "FLOPs (G)"}
+  - {key: images_per_sec, header: "Throughput (img/s)"}
 baseline: vit
 rows:
-  - {id: vit, label: "ViT", paper: {top1: 79.8, gmacs: 4.6}, method: baseline, recipes: {smoke: fx/vit}}
-  - {id: tpc, label: "Ours", paper: {top1: 80.8, gmacs: 2.8}, method: tpc, recipes: {smoke: fx/tpc}}
+  - {id: vit, label: "ViT", paper: {top1: 79.8, gmacs: 4.6, images_per_sec: 26000}, method: baseline, recipes: {smoke: fx/vit}}
+  - {id: tpc, label: "Ours", paper: {top1: 80.8, gmacs: 2.8, images_per_sec: 65000}, method: tpc, recipes: {smoke: fx/tpc}}
 """
 VIT = """profile: smoke
 jobs: [train, flops]
@@ -50,6 +51,11 @@ def test_a_table_runs_end_to_end_resumes_and_reports_deterministically(fixture_p
     report = fixture_project / "results" / "tables" / "fixture.md"
     text = report.read_text()
     assert "`fx/vit` seeds 0" in text and "`fx/tpc` seeds 0" in text and "not ImageNet" in text
+    # the speed column comes from one side-by-side protocol of the trained models, ratios to the baseline
+    grid = (fixture_project / "results" / "tables" / "fixture_speed_smoke.md").read_text()
+    assert "trained run (seed 0)" in grid and "(1.00×)" in grid
+    assert "Speed ÷ backbone (side by side, CPU)" in text and "| 1.00 " in text
+    assert "speed already measured" in runner.invoke(app, ["run", "fixture", "--seeds", "0"]).output
     again = runner.invoke(app, ["run", "fixture", "--seeds", "0"])
     assert "0 run, 4 already done" in again.output
     assert runner.invoke(app, ["report", "fixture"]).exit_code == 0

@@ -301,24 +301,12 @@ def models(pattern: str = typer.Argument("*", help="Filter, e.g. 'deit*' or '*sm
 
 def _speed_protocol(table_id: str, profile: str, device: Optional[str], force: bool) -> None:
     """Run a table's side-by-side speed protocol unless its records are there (for the current recipes)."""
-    from tpcrepro import paths, records, speedtable
+    from tpcrepro import speedtable
 
-    items, _ = speedtable.entries(table_id, profile)
-    latest = records.latest(records.load_records())
-    done = all((e.recipe.id, profile, "throughput", 0, e.recipe.hash) in latest and
-               "side by side" in latest[(e.recipe.id, profile, "throughput", 0, e.recipe.hash)].settings.get("protocol", "")
-               for e in items)
-    if done and not force:
+    if speedtable.is_done(table_id, profile) and not force:
         typer.echo(f"{table_id}: speed already measured side by side (--force remeasures)")
         return
-    rows = speedtable.run(table_id, profile, device)
-    from tpcrepro.records import atomic_write_text, device_name
-
-    dev = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    path = paths.results_dir() / "tables" / f"{table_id}_speed_{profile}.md"
-    atomic_write_text(path, f"# {table_id}: speed by one protocol ({profile} profile)\n\n"
-                      + speedtable.markdown(rows, device_name(dev)))
-    typer.echo(f"speed grid: {path}")
+    typer.echo(f"speed grid: {speedtable.measure(table_id, profile, device)}")
 
 
 FIGURES = ("fig1", "fig4", "fig5", "tradeoff")

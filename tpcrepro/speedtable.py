@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -165,3 +166,23 @@ def markdown(rows: list[dict], device_name: str) -> str:
         cells = [f"{r['grid'][n]['images_per_sec']:.0f} ({r['grid'][n]['ratio']:.2f}×)" for n in names]
         lines.append(f"| {r['label']} | {r['source']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def is_done(table_id: str, profile: str) -> bool:
+    """Whether every model of the table has a side-by-side throughput record of its current recipe version."""
+    items, _ = entries(table_id, profile)
+    latest = records.latest(records.load_records())
+    keys = [(e.recipe.id, profile, "throughput", 0, e.recipe.hash) for e in items]
+    return all(k in latest and "side by side" in latest[k].settings.get("protocol", "") for k in keys)
+
+
+def measure(table_id: str, profile: str, device: Optional[str] = None) -> Path:
+    """run(), then the whole grid as results/tables/<table>_speed_<profile>.md. Returns its path."""
+    from tpcrepro import paths
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = run(table_id, profile, device)
+    path = paths.results_dir() / "tables" / f"{table_id}_speed_{profile}.md"
+    records.atomic_write_text(path, f"# {table_id}: speed by one protocol ({profile} profile)\n\n"
+                              + markdown(rows, records.device_name(device)))
+    return path
