@@ -85,3 +85,17 @@ def test_force_does_not_rerun_the_base_of_a_fine_tune():
     assert [(j.recipe.id, j.seed) for j in deps] == [("smoke/vit", 0), ("smoke/vit", 1)]
     assert jobs.index(deps[-1]) < min(jobs.index(j) for j in jobs if j.recipe.id == "smoke/tpc")
     assert [j.seed for j in jobs if j.kind == "flops"] == [0]
+
+
+def test_cpu_images_per_sec_never_sit_beside_the_papers():
+    import dataclasses
+
+    gpu = dataclasses.replace(_rec("deit/deit_s", "throughput", 0, {"images_per_sec": 9000.0}),
+                              settings={"device": "cuda"})
+    cpu = dataclasses.replace(_rec("deit/evit_deit_s", "throughput", 0, {"images_per_sec": 40.0}),
+                              settings={"device": "cpu"})
+    records.write_record(gpu)
+    records.write_record(cpu)
+    latest = records.latest(records.load_records())
+    assert report.collect("deit/deit_s", "paper", latest).values["images_per_sec"] == [9000.0]
+    assert report.collect("deit/evit_deit_s", "paper", latest) is None

@@ -69,6 +69,8 @@ def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
             if k not in newest or r.started_at > newest[k].started_at:
                 newest[k] = r
         mine = [newest[k] for k in sorted(newest)]
+    if profile == "paper":  # a CPU's images/s is no ImageNet-scale speed: kept in its record, not put beside the paper's
+        mine = [r for r in mine if not (r.kind == "throughput" and str(r.settings.get("device", "")).startswith("cpu"))]
     if not mine:
         return None
     values: dict[str, list[float]] = {}
