@@ -184,9 +184,16 @@ def measured_seconds(jobs: list[Job]) -> tuple[float, list[str]]:
     """What `jobs` took when last run here: each job's newest done record of its recipe and kind (any seed).
 
     Returns (seconds, recipes never run). On the machine that made the records this is the cost of a fresh run.
+    With --results elsewhere, the repository's committed records count too.
     """
+    from tpcrepro import paths
+
+    committed = paths.ROOT / "results" / "records"
+    found = records.load_records()
+    if committed.resolve() != paths.records_dir().resolve() and committed.is_dir():
+        found += records.load_records(committed)
     newest: dict = {}
-    for r in records.load_records():
+    for r in found:
         if r.status == "done" and r.duration_s is not None:
             key = (r.recipe, r.profile, r.kind)
             if key not in newest or r.started_at > newest[key].started_at:
