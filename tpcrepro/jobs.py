@@ -59,12 +59,12 @@ def load_run_model(recipe_id: str, seed: int = 0, checkpoint: Optional[Path] = N
     path = Path(checkpoint) if checkpoint else run_dir_for(recipe, seed) / "checkpoint.pt"
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}; run `tpcrepro run {recipe_id} --seeds {seed}` or pass checkpoint")
-    model = _static_model(recipe)
+    model = static_model(recipe)
     weights.load_weights(model, path)
     return model.eval()
 
 
-def _static_model(recipe: Recipe) -> torch.nn.Module:
+def static_model(recipe: Recipe) -> torch.nn.Module:
     m = recipe.model  # weights do not change a static count: skip loading them
     return weights.create(m.__class__(**{**m.__dict__, "pretrained": None}), **method_kwargs(recipe))
 
@@ -75,7 +75,7 @@ def _flops(recipe: Recipe) -> tuple[dict, dict]:
 
     m = recipe.model
     shape = (m.in_chans, m.img_size, m.img_size)
-    out = count_macs(_static_model(recipe), shape, is_adaptive(m.name), recipe.stabilizer.kappa)
+    out = count_macs(static_model(recipe), shape, is_adaptive(m.name), recipe.stabilizer.kappa)
     settings = {"counter": out.pop("counter"), "note": out.pop("note"), "input_shape": list(shape), "batch": 1}
     return out, settings
 
@@ -84,7 +84,7 @@ def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:
     t, m = recipe.throughput, recipe.model
     p = speed.Protocol(batch_size=t.batch_size, precision=t.precision, warmup=t.warmup, steps=t.steps,
                        repeats=t.repeats, device=device)
-    model = _static_model(recipe)
+    model = static_model(recipe)
     res = speed.compare({m.name: model}, (m.in_chans, m.img_size, m.img_size), p)[m.name]
     return {"images_per_sec": res["images_per_sec"], "latency_ms": res["latency_ms"]}, speed.settings(p)
 

@@ -79,7 +79,7 @@ def build(e: Entry, base_macs: float, batch: int) -> tuple[torch.nn.Module, str,
     r = e.recipe
     if r.train.epochs > 0 and _finished(r):
         return jobs.load_run_model(r.id), "trained run (seed 0)", None
-    model = jobs._static_model(r).eval()
+    model = jobs.static_model(r).eval()
     if not is_adaptive(r.model.name):
         return model, "random weights (fixed schedule)", None
     if not e.target_gmacs or not hasattr(model, "dims"):
@@ -107,7 +107,7 @@ def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] 
     """Time the table's models side by side over the grid; write one record per model. Returns rows."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     items, base = entries(table_id, profile)
-    base_model = jobs._static_model(base.recipe)
+    base_model = jobs.static_model(base.recipe)
     base_macs = float(getattr(base_model, "macs_all_tokens", lambda: 0)() or 0)
     if not base_macs:
         from tpcrepro import flops

@@ -123,6 +123,19 @@ def step(state: TokenState, b_hat: torch.Tensor, p: torch.Tensor, r_tilde: torch
     return TokenState(R, rho, state.halted | halt, pause_left), w, halt
 
 
+def decide(state: TokenState, t: torch.Tensor, computed: torch.Tensor, last: bool, is_cls: torch.Tensor,
+           cfg: TPCCfg) -> tuple[TokenState, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """After a block with output t [B, N, C]: gates, TDR (b̂ = 1 at the last layer), then `step`.
+
+    Returns (state, halting weights w, halted here, break b, regularized b̂), all [B, N].
+    """
+    p, r_tilde = gates(t, cfg)
+    b = p * r_tilde
+    b_hat = torch.ones_like(b) if last else regularize(b, computed, cfg)
+    state, w, halt = step(state, b_hat, p, r_tilde, computed, last, is_cls, cfg)
+    return state, w, halt, b, b_hat
+
+
 def finish(state: TokenState, images: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor]:
     """Tokens not yet halted halt here with their remainder: (state, w_end).
 

@@ -134,10 +134,7 @@ class TPCSwin(SwinTransformer):
             computed, paused = state.computed(), state.paused()
             x = block_masked(blk, x, computed) if masked else block_removed(blk, x, computed)
             t = x.reshape(bsz, n, c)
-            p, r_tilde = ctl.gates(t, self.tpc)
-            b = p * r_tilde
-            b_hat = torch.ones_like(b) if last else ctl.regularize(b, computed, self.tpc)
-            state, wt, halt = ctl.step(state, b_hat, p, r_tilde, computed, last, no_cls, self.tpc)
+            state, wt, halt, b, b_hat = ctl.decide(state, t, computed, last, no_cls, self.tpc)
             if last:
                 state, w_end = ctl.finish(state)
                 wt = wt + w_end

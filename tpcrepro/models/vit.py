@@ -140,13 +140,6 @@ class TPCVisionTransformer(VisionTransformer):
     def _n_out(self, n: int) -> int:
         return n if self.all_token_outputs else 1
 
-    def _decide(self, state, x, computed, last, is_cls):
-        p, r_tilde = ctl.gates(x, self.tpc)
-        b = p * r_tilde
-        b_hat = torch.ones_like(b) if last else ctl.regularize(b, computed, self.tpc)
-        state, w, halt = ctl.step(state, b_hat, p, r_tilde, computed, last, is_cls, self.tpc)
-        return state, w, halt, b, b_hat
-
     def _is_cls(self, b: int, n: int, device) -> torch.Tensor:
         is_cls = torch.zeros(b, n, dtype=torch.bool, device=device)
         is_cls[:, : self.num_prefix_tokens] = True
@@ -199,7 +192,7 @@ class TPCVisionTransformer(VisionTransformer):
             alive = ~state.halted[:, :1]  # after its CLS halts an image's output is final: inference stops there
             kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
             x = layer_masked(blk, x, computed, kv, self.kappa)
-            state, w, halt, b, b_hat = self._decide(state, x, computed, last, is_cls)
+            state, w, halt, b, b_hat = ctl.decide(state, x, computed, last, is_cls, self.tpc)
             if self.all_token_outputs and not last and bool(halt[:, 0].any()):
                 state, w_end = ctl.finish(state, images=halt[:, 0])
                 w = w + w_end
@@ -242,7 +235,7 @@ class TPCVisionTransformer(VisionTransformer):
             computed, paused = state.computed(), state.paused()
             kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
             x = layer_removed(blk, x, computed, kv, self.kappa, self.buckets)
-            state, w, halt, _, _ = self._decide(state, x, computed, last, is_cls)
+            state, w, halt, _, _ = ctl.decide(state, x, computed, last, is_cls, self.tpc)
             acc = acc + w[:, :k, None] * x[:, :k]
             for key, m in zip(STAT_KEYS, (computed, kv, paused, halt, computed & was_paused)):
                 stats[key][rows, i] = m.sum(1)
