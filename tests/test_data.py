@@ -82,10 +82,13 @@ def test_corrupt_image_is_skipped_and_counted(image_folder):
     ds = data.build_datasets(dcfg, mcfg)
     loader = data.eval_loader(ds.val, batch_size=4, workers=0)
     seen = skipped = 0
-    for x, y, n_skip in loader:
-        skipped += n_skip
+    paths = []
+    for x, y, bad in loader:
+        skipped += len(bad)
+        paths += bad
         seen += 0 if x is None else len(x)
     assert (seen, skipped) == (5, 1)
+    assert paths == [str(image_folder / "val" / "a" / "0.png")]
 
 
 def test_subset_is_a_fixed_sample():

@@ -38,7 +38,7 @@ def test_base_chain_merges_in_order_and_rejects_loops(tmp_path):
     write(tmp_path, "base.yaml", "profile: smoke\ntrain: {lr: 0.5, epochs: 7}\n")
     child = load_recipe(str(write(tmp_path, "child.yaml", "base: base.yaml\ntrain: {lr: 0.25}\n")))
     assert child.train.lr == 0.25 and child.train.epochs == 7
-    grand = load_recipe(str(write(tmp_path, "grand.yaml", "base: child.yaml\ntrain: {epochs: 3}\n")))
+    grand = load_recipe(str(write(tmp_path, "grand.yaml", "base: child.yaml\ntrain: {epochs: 3, warmup_epochs: 1}\n")))
     assert grand.train.lr == 0.25 and grand.train.epochs == 3
     write(tmp_path, "a.yaml", "base: b.yaml\n")
     write(tmp_path, "b.yaml", "base: a.yaml\n")

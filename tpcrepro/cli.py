@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from tpcrepro.errors import UserError
+from tpcrepro.errors import Interrupted, UserError, raise_on_signals
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -362,15 +362,45 @@ def figure(
     typer.echo(str(written))
 
 
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    src: Path = typer.Argument(..., help="A .pt/.pth file tpcrepro refuses because it holds Python objects."),
+    dst: Path = typer.Argument(..., help="Where to write the converted file (tensors and plain values only)."),
+    trust: bool = typer.Option(False, "--trust", help="Required: you trust SRC's source. Loading SRC runs "
+                               "whatever code its pickle names."),
+) -> None:
+    """Rewrite a TRUSTED checkpoint so that tpcrepro can load it without executing anything.
+
+    tpcrepro reads checkpoints and weights with torch.load(weights_only=True): tensors and plain values only. A file
+    holding other objects (numpy arrays, an argparse.Namespace, a pickled class) is refused. This command loads SRC
+    with full unpickling, which EXECUTES ANY CODE THE FILE CARRIES, so use it only on files from a source you trust;
+    then it writes DST with numpy arrays as tensors, objects as their attribute dicts, and anything else dropped
+    (listed), and checks that DST loads safely.
+    """
+    from tpcrepro import checkpoint
+
+    if not trust:
+        raise UserError(f"converting {src} runs the code its pickle carries; if you trust its source, add --trust")
+    if not src.is_file():
+        raise UserError(f"{src} does not exist; pass the file to convert")
+    dropped = checkpoint.convert_trusted(src, dst)
+    typer.echo(f"{dst}: written, loads with weights_only=True"
+               + (f"; dropped (not tensors or plain values): {', '.join(dropped)}" if dropped else ""))
+
+
 def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated")
+    raise_on_signals()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # typer returns an exit code here (130 for a KeyboardInterrupt)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:  # Ctrl-C or SIGTERM: the job that was running says how far it got
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted; checkpoints and records written so far are kept (rerun to resume)", file=sys.stderr)
         sys.exit(130)
@@ -383,3 +413,7 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if isinstance(rc, int) and rc:
+        if rc == 130:
+            print("interrupted; checkpoints and records written so far are kept (rerun to resume)", file=sys.stderr)
+        sys.exit(rc)

@@ -60,8 +60,12 @@ class DigitsDataset(Dataset):
 
 # ---------------------------------------------------------------- ImageFolder
 
+class Unreadable(str):
+    """What SafeImageFolder returns for an image it cannot read: the file's path."""
+
+
 class SafeImageFolder(Dataset):
-    """torchvision ImageFolder that returns None for an unreadable image instead of raising."""
+    """torchvision ImageFolder that returns Unreadable(path) for an unreadable image instead of raising."""
 
     def __init__(self, root: Path, transform: Callable):
         from torchvision.datasets import ImageFolder
@@ -82,17 +86,17 @@ class SafeImageFolder(Dataset):
         try:
             return self.inner[i]
         except (OSError, ValueError, SyntaxError):  # PIL's errors for truncated/corrupt files
-            return None
+            return Unreadable(self.inner.samples[i][0])
 
 
 def collate_skip(batch: list):
-    """Drop samples that failed to load; return (images, targets, n_skipped)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+    """Drop samples that failed to load; return (images, targets, paths of the skipped ones)."""
+    bad = [str(b) for b in batch if b is None or isinstance(b, Unreadable)]
+    good = [b for b in batch if not (b is None or isinstance(b, Unreadable))]
     if not good:
-        return None, None, skipped
+        return None, None, bad
     x, y = torch.utils.data.default_collate(good)
-    return x, y, skipped
+    return x, y, bad
 
 
 def resolve_root(cfg: DataCfg, override: Optional[str] = None) -> Path:

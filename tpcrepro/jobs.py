@@ -6,14 +6,16 @@ This is what `tpcrepro job` runs, in this process or under torchrun.
 from __future__ import annotations
 
 import time
-
-import torch
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
-from tpcrepro import distributed, paths, records, speed, weights
-from tpcrepro.errors import UserError
+import torch
+
+from tpcrepro import checkpoint as ckpt
+from tpcrepro import distributed, paths, records, runlock, speed, weights
+from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
 from tpcrepro.models import is_adaptive, method_kwargs
 from tpcrepro.recipe import Recipe, load_recipe
@@ -25,9 +27,12 @@ def run_dir_for(recipe: Recipe, seed: int) -> Path:
 
 
 def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[str], run_dir: Path,
-           hook=None) -> tuple[dict, dict]:
+           hook=None, progress: Optional[dict] = None) -> tuple[dict, dict]:
+    from tpcrepro import data as data_mod
     from tpcrepro.train import Fit
 
+    if recipe.data.dataset != "digits":  # a missing data directory is found before weights are fetched
+        data_mod.resolve_root(recipe.data, data_root)
     torch.manual_seed(seed)  # the same seed initialises the same weights on every rank
     model = weights.create(recipe.model, **method_kwargs(recipe))
     settings = {"world_size": d.world, "batch_size": recipe.train.batch_size, "epochs": recipe.train.epochs,
@@ -39,15 +44,15 @@ def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[s
     if hasattr(model, "attach_teacher"):  # distillation from the frozen starting weights (DynamicViT)
         model.attach_teacher()
     fit = Fit(recipe, model, run_dir, d, data_root, seed)
-    return fit.run(hook), settings
+    return fit.run(hook, progress), settings
 
 
 def init_checkpoint(recipe_id: str, seed: int) -> Path:
     """The finished checkpoint of another recipe's run with the same seed (fine-tuning starts there)."""
     dep = load_recipe(recipe_id)
     path = run_dir_for(dep, seed) / "checkpoint.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
-    if state is None or state["epoch"] < dep.train.epochs:
+    state = ckpt.load(path, fix=f"run `tpcrepro run {recipe_id} --seeds {seed} --force` to train it again")
+    if state is None or state.get("epoch", 0) < dep.train.epochs:
         raise UserError(f"model.init_from needs a finished run of {recipe_id} seed {seed} ({path}); "
                         f"run `tpcrepro run {recipe_id} --seeds {seed}` first")
     return path
@@ -92,19 +97,47 @@ def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:
 def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] = None,
             run_dir: Optional[Path] = None, device: Optional[str] = None, force: bool = False,
             hook=None) -> Optional[records.Record]:
-    """Run one job and write its record (rank 0). A failure writes a 'failed' record, then raises."""
+    """Run one job and write its record (rank 0). A failure or a stop by a signal writes a 'failed' record, then raises.
+
+    A training job holds its run directory's lock throughout: a second job there stops at once, touching nothing.
+    """
     d = distributed.init(device)
     run_dir = Path(run_dir) if run_dir else run_dir_for(recipe, seed)
-    if force and d.main and kind == "train":  # start over: drop this run's checkpoint and curve, nothing else
+    with ExitStack() as stack:
+        busy = None
+        if kind == "train" and d.main:
+            try:
+                stack.enter_context(runlock.hold(run_dir))
+            except UserError as e:
+                busy = e
+        if kind == "train" and d.world > 1 and distributed.all_sum([float(busy is not None)], d)[0]:
+            raise busy or UserError(f"{run_dir} is in use by another job; wait for it or pass --run-dir elsewhere")
+        if busy:
+            raise busy
+        return _run_held(recipe, kind, seed, d, data_root, run_dir, force, hook)
+
+
+def _clean_run_dir(run_dir: Path, force: bool) -> None:
+    """With the lock held: drop temp files a killed write left, and with force the checkpoint and curve."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    if force:  # start over: drop this run's checkpoint and curve, nothing else
         for name in ("checkpoint.pt", "metrics.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
+
+
+def _run_held(recipe: Recipe, kind: str, seed: int, d: distributed.Dist, data_root: Optional[str], run_dir: Path,
+              force: bool, hook) -> Optional[records.Record]:
+    if d.main and kind == "train":
+        _clean_run_dir(run_dir, force)
     distributed.barrier(d)
     run_dir.mkdir(parents=True, exist_ok=True)
     started, t0 = records.now_iso(), time.perf_counter()
     status, error, metrics, settings = "done", None, {}, {}
+    progress: dict = {}
     try:
         if kind == "train":
-            metrics, settings = _train(recipe, seed, d, data_root, run_dir, hook)
+            metrics, settings = _train(recipe, seed, d, data_root, run_dir, hook, progress)
         elif kind == "flops":
             metrics, settings = _flops(recipe)
         elif kind == "throughput":
@@ -113,6 +146,16 @@ def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] =
             raise UserError(f"unknown job kind '{kind}' (train, flops, throughput)")
     except UserError as e:
         status, error = "failed", str(e)
+    except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C or SIGTERM: record where it stopped, then stop with one line
+        where = (f"after epoch {progress.get('epoch', 0)} of {recipe.train.epochs}" if kind == "train"
+                 else f"during {recipe.id} {kind}")
+        again = "resumes" if kind == "train" else "runs it again"
+        message = f"interrupted {where}; the same command {again}"
+        if d.main:
+            _write(recipe, kind, seed, "failed", {}, {}, d, started, t0, message)
+        if isinstance(e, Interrupted):
+            raise Interrupted(e.signum, message) from None
+        raise
     except Exception as e:  # anything else: keep the traceback beside the run, say where it is
         status, error = "failed", f"{type(e).__name__}: {e}"
         (run_dir / f"{kind}_error.log").write_text(traceback.format_exc())
@@ -121,14 +164,19 @@ def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] =
         if error:
             raise UserError(error)
         return None
+    rec, path = _write(recipe, kind, seed, status, metrics, settings, d, started, t0, error)
+    if status == "failed":
+        raise UserError(f"{recipe.id} {kind} failed: {error}")
+    log(f"[green]done[/] {recipe.id} {kind} seed {seed} -> {path.relative_to(paths.ROOT) if path.is_relative_to(paths.ROOT) else path}")
+    return rec
+
+
+def _write(recipe: Recipe, kind: str, seed: int, status: str, metrics: dict, settings: dict, d: distributed.Dist,
+           started: str, t0: float, error: Optional[str]) -> tuple[records.Record, Path]:
     rec = records.Record(
         recipe=recipe.id, recipe_hash=recipe.hash, profile=recipe.profile, kind=kind, seed=seed, status=status,
         metrics=metrics, settings=settings, overrides=list(recipe.overrides),
         environment=records.environment(d.device), started_at=started,
         duration_s=round(time.perf_counter() - t0, 3), error=error,
     )
-    path = records.write_record(rec)
-    if status == "failed":
-        raise UserError(f"{recipe.id} {kind} failed: {error}")
-    log(f"[green]done[/] {recipe.id} {kind} seed {seed} -> {path.relative_to(paths.ROOT) if path.is_relative_to(paths.ROOT) else path}")
-    return rec
+    return rec, records.write_record(rec)

@@ -63,13 +63,22 @@ def adaptive_flops(checkpoint: str, data_root: Optional[str], device: Optional[s
     from tpcrepro.recipe import load_recipe
     from tpcrepro.train import evaluate
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if Path(checkpoint).is_file() else None
-    if not isinstance(state, dict) or "recipe" not in state:
+    from tpcrepro import checkpoint as ckpt
+
+    if not Path(checkpoint).is_file():
+        raise UserError(f"no checkpoint at {checkpoint}; pass runs/<recipe>/<hash>/s<seed>/checkpoint.pt")
+    state = ckpt.load(Path(checkpoint), fix="pass another checkpoint, or train the run again with --force")
+    if "recipe" not in state or not isinstance(state.get("model"), dict):
         raise UserError(f"{checkpoint} is not a tpcrepro checkpoint (runs/<recipe>/<hash>/s<seed>/checkpoint.pt)")
     recipe = load_recipe(state["recipe"], tuple(state.get("overrides", ())))
     model = weights.create(recipe.model.__class__(**{**recipe.model.__dict__, "pretrained": None, "init_from": None}),
                            **method_kwargs(recipe))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # torch lists every mismatch over many lines: name the first
+        detail = " ".join(str(e).split("\n\t")[1:2]).strip() or str(e).splitlines()[0]
+        raise UserError(f"the weights in {checkpoint} do not fit {recipe.model.name} of recipe {recipe.id} "
+                        f"({detail[:200]}); was the recipe changed since the run? rerun it or pass its own checkpoint") from None
     d = distributed.Dist(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ds = data_mod.build_datasets(recipe.data, recipe.model, data_root)
     loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size, recipe.data.workers)

@@ -310,7 +310,49 @@ def build(cls: type, data: dict, source: str, prefix: str) -> Any:
     except (TypeError, ValueError) as e:
         raise UserError(f"{source}: {e}") from None
     _validate(obj, source)
+    _check_ranges(obj, source, prefix)
     return obj
+
+
+# (low, high, low_open, high_open); None = unbounded. Checked when a value enters, one line naming the key.
+_GE0, _GE1, _GT0, _UNIT = (0, None, False, False), (1, None, False, False), (0, None, True, False), (0, 1, False, False)
+RANGES: dict[type, dict[str, tuple]] = {
+    ModelCfg: {"num_classes": _GE1, "img_size": _GE1, "in_chans": _GE1, "drop_path": _UNIT},
+    AugCfg: {"color_jitter": _GE0, "hflip": _UNIT, "re_prob": _UNIT, "mixup": _GE0, "cutmix": _GE0,
+             "mixup_prob": _UNIT, "switch_prob": _UNIT, "smoothing": (0, 1, False, True), "translate": _GE0},
+    DataCfg: {"crop_pct": (0, 1, True, False), "workers": _GE0, "subset_train": _GE1, "subset_val": _GE1,
+              "token_label_weight": _GE0},
+    TrainCfg: {"epochs": _GE0, "batch_size": _GE1, "lr": _GT0, "weight_decay": _GE0, "warmup_epochs": _GE0,
+               "warmup_lr": _GE0, "min_lr": _GE0, "clip_grad": _GT0, "ema_decay": _UNIT},
+    EvalCfg: {"batch_size": _GE1},
+    ThroughputCfg: {"batch_size": _GE1, "warmup": _GE0, "steps": _GE1, "repeats": _GE1},
+    StabilizerCfg: {"kappa": _GE1},
+    TPCCfg: {"xi": _UNIT, "delta": (0, 1, True, True), "pause_span": _GE1, "target_depth": _GT0,
+             "phi_p": _GE0, "phi_d": _GE0},
+    EViTCfg: {"keep_rate": (0, 1, True, False), "shrink_start": _GE0, "shrink_epochs": _GE0},
+    DynamicViTCfg: {"keep_rate": (0, 1, True, False), "ratio_weight": _GE0, "cls_distill_weight": _GE0,
+                    "token_distill_weight": _GE0, "backbone_lr_scale": _GE0, "freeze_epochs": _GE0, "tau": _GT0},
+    ToMeCfg: {"r": _GE0},
+}
+
+
+def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '≥'} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _check_ranges(obj: Any, source: str, prefix: str) -> None:
+    for name, (lo, hi, lo_open, hi_open) in RANGES.get(type(obj), {}).items():
+        v = getattr(obj, name)
+        if v is None or not isinstance(v, (int, float)):
+            continue
+        ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            raise UserError(f"{source}: '{prefix}{name}' must be {_range_text(lo, hi, lo_open, hi_open)}, got {v!r}")
+    if isinstance(obj, TrainCfg) and obj.epochs > 0 and obj.warmup_epochs > obj.epochs:
+        raise UserError(f"{source}: '{prefix}warmup_epochs' ({obj.warmup_epochs}) must not exceed "
+                        f"'{prefix}epochs' ({obj.epochs}); set {prefix}warmup_epochs={obj.epochs} or less")
 
 
 def _validate(obj: Any, source: str) -> None:

@@ -6,10 +6,12 @@ for a (recipe, profile, kind, seed) key wins.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -148,16 +150,47 @@ def write_record(record: Record, directory: Path | None = None) -> Path:
     return path
 
 
+_REQUIRED = tuple(n for n, f in Record.__dataclass_fields__.items()
+                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+_TYPES = {"recipe": str, "recipe_hash": str, "profile": str, "kind": str, "seed": int, "status": str,
+          "metrics": dict, "settings": dict, "overrides": list, "environment": dict, "started_at": str}
+_warned: set = set()
+
+
+def read_record(p: Path) -> Record:
+    """One record file; ValueError saying what is wrong with it otherwise."""
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"holds a JSON {type(d).__name__}, not a record object")
+    missing = [k for k in _REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"incomplete: missing {', '.join(missing)}")
+    wrong = [k for k, t in _TYPES.items() if not isinstance(d[k], t) or isinstance(d[k], bool)]
+    if wrong:
+        raise ValueError(f"'{wrong[0]}' should be a {_TYPES[wrong[0]].__name__}, got {d[wrong[0]]!r:.40}")
+    if d["status"] not in STATUSES:
+        raise ValueError(f"unknown status {d['status']!r} (valid: {', '.join(STATUSES)})")
+    d = {k: v for k, v in d.items() if k in Record.__dataclass_fields__}
+    return Record(**{**d, "path": str(p)})
+
+
 def load_records(directory: Path | None = None) -> list[Record]:
+    """Every record in the folder; a damaged or incomplete file gets one warning line on stderr (once) and is left out."""
     directory = directory or paths.records_dir()
     out = []
     for p in sorted(directory.glob("*.json")):
         try:
-            d = json.loads(p.read_text())
-            d = {k: v for k, v in d.items() if k in Record.__dataclass_fields__}
-            out.append(Record(**{**d, "path": str(p)}))
-        except (json.JSONDecodeError, TypeError):
-            continue  # a foreign or damaged file is not a record
+            out.append(read_record(p))
+        except ValueError as e:
+            key = (str(p), p.stat().st_mtime_ns if p.exists() else 0)
+            if key not in _warned:
+                _warned.add(key)
+                print(f"warning: skipping record {p}: {e}", file=sys.stderr)
     return out
 
 

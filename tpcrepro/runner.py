@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import submitit.helpers
+
 from tpcrepro import records, tables
 from tpcrepro.errors import UserError
 from tpcrepro.progress import log
@@ -209,11 +211,22 @@ def measured_seconds(jobs: list[Job]) -> tuple[float, list[str]]:
     return total, unknown
 
 
+def check_data(jobs: list[Job], data: Optional[str]) -> None:
+    """Every training job's data directory exists (before any job starts, weights are fetched or time is spent)."""
+    from tpcrepro import data as data_mod
+
+    for j in jobs:
+        if j.kind == "train" and j.recipe.data.dataset != "digits":
+            data_mod.resolve_root(j.recipe.data, data)
+
+
 def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = False,
         keep_going: bool = False) -> dict[str, int]:
     """Run the jobs that are not done (all with force); return counts by outcome."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
     todo = {id(j): (status, forced) for j, status, forced in pending(jobs, force)}
+    if not dry_run:
+        check_data([j for j in jobs if id(j) in todo], launch.data)
     for i, job in enumerate(jobs, 1):
         if id(job) not in todo:
             counts["skipped"] += 1
@@ -252,28 +265,42 @@ class Cluster:
     cluster: Optional[str] = None  # None/"slurm"; "local" runs each job as a local process (for testing)
 
 
-def _slurm_entry(recipe_id: str, overrides: tuple, work: list[tuple[str, int, bool]], data: Optional[str]) -> list[str]:
-    """Runs inside the allocation, once per task (GPU): the recipe's jobs in order; rank 0 measures."""
-    import os
+class SlurmEntry(submitit.helpers.Checkpointable):
+    """What one submitted job runs inside its allocation, once per task (GPU): the recipe's jobs in order.
 
-    import submitit
+    A submitit Checkpointable: when Slurm's time limit is near, submitit calls `checkpoint`, which requeues
+    the jobs not finished yet, none forced (a forced training that started must resume, not start over);
+    the requeued one resumes from the run directory's last checkpoint.
+    """
 
-    env = submitit.JobEnvironment()
-    if env.num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    from tpcrepro.jobs import run_job
+    def __init__(self, recipe_id: str, overrides: tuple, work: list[tuple[str, int, bool]], data: Optional[str]):
+        self.recipe_id, self.overrides, self.work, self.data = recipe_id, tuple(overrides), list(work), data
+        self.finished: list[tuple[str, int]] = []
 
-    recipe = load_recipe(recipe_id, overrides)
-    done = []
-    for kind, seed, forced in work:
-        if kind != "train" and env.global_rank != 0:
-            continue  # flops and throughput: one process measures
-        if kind != "train":
-            for var in ("WORLD_SIZE", "RANK"):
-                os.environ.pop(var, None)
-        run_job(recipe, kind, seed, data_root=data, force=forced)
-        done.append(f"{recipe_id} {kind} seed {seed}")
-    return done
+    def __call__(self) -> list[str]:
+        import os
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from tpcrepro.jobs import run_job
+
+        recipe = load_recipe(self.recipe_id, self.overrides)
+        done = []
+        for kind, seed, forced in self.work:
+            if (kind, seed) in self.finished or (kind != "train" and env.global_rank != 0):
+                continue  # flops and throughput: one process measures
+            if kind != "train":
+                for var in ("WORLD_SIZE", "RANK"):
+                    os.environ.pop(var, None)
+            run_job(recipe, kind, seed, data_root=self.data, force=forced)
+            self.finished.append((kind, seed))
+            done.append(f"{self.recipe_id} {kind} seed {seed}")
+        return done
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:  # called on the time-limit signal; requeued
+        left = [(k, s, False) for k, s, _ in self.work if (k, s) not in self.finished]
+        return submitit.helpers.DelayedSubmission(SlurmEntry(self.recipe_id, self.overrides, left, self.data))
 
 
 def submit(jobs: list[Job], cluster: Cluster, data: Optional[str], force: bool = False) -> list[tuple[str, object]]:
@@ -303,6 +330,6 @@ def submit(jobs: list[Job], cluster: Cluster, data: Optional[str], force: bool =
             ex.update_parameters(slurm_partition=cluster.partition)
         if dep in submitted and cluster.cluster == "local":
             submitted[dep].results()  # the local executor has no dependencies: wait for the base run
-        submitted[rid] = ex.submit(_slurm_entry, rid, recipes[rid].overrides, items, data)
+        submitted[rid] = ex.submit(SlurmEntry(rid, recipes[rid].overrides, items, data))
         log(f"submitted {rid}: job {submitted[rid].job_id} ({len(items)} jobs, {gpus} GPU(s) per node)")
     return list(submitted.items())

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from tpcrepro import jobs, records, speed, tables
+from tpcrepro import checkpoint, jobs, records, speed, tables
 from tpcrepro.errors import UserError
 from tpcrepro.models import is_adaptive
 from tpcrepro.progress import log
@@ -68,7 +68,7 @@ def _finished(recipe: Recipe, seed: int = 0) -> bool:
     path = jobs.run_dir_for(recipe, seed) / "checkpoint.pt"
     if not path.is_file():
         return False
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.load(path)
     return state.get("epoch", 0) >= recipe.train.epochs and state.get("recipe_hash") == recipe.hash
 
 

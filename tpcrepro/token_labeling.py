@@ -136,7 +136,9 @@ class TokenLabelDataset(torch.utils.data.Dataset):
         try:
             img = Image.open(path).convert("RGB")
         except (OSError, ValueError, SyntaxError):
-            return None
+            from tpcrepro.data import Unreadable
+
+            return Unreadable(path)
         size = (img.height, img.width)
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         flip = random.random() < self.hflip

@@ -1,8 +1,11 @@
 """fit / evaluate: one loop for every model, single process or DDP through torchrun.
 
 A run directory holds `checkpoint.pt` (written atomically after every epoch,
-with optimizer, scheduler, scaler, EMA and RNG state) and `metrics.jsonl`
-(one line per epoch). A run directory with a checkpoint resumes from it.
+with optimizer, scheduler, scaler, EMA and RNG state, and the epoch rows so far)
+and `metrics.jsonl` (one line per epoch). A run directory with a checkpoint
+resumes from it. The checkpoint is the truth: every start rewrites
+`metrics.jsonl` from the rows it holds (none without a checkpoint), so a kill
+at any moment leaves exactly one row per finished epoch.
 A model's forward may return logits, or a mapping with `logits` and `losses`
 (named, already weighted loss terms added to the task loss) and `stats`.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -31,6 +36,22 @@ from tpcrepro.stats import StatSum
 
 GATE_WARN = 1e-6  # below this largest break probability the controller cannot learn
 StepHook = Callable[[int, int], None]  # (epoch, step) -> None; may raise to stop
+TEST_AT_ENV = "TPCREPRO_TEST_AT"  # tests only: "POINT:EPOCH:ACTION", e.g. before_ckpt:0:exit (see _test_point)
+TIME_KEYS = ("train_images_per_sec",)  # row fields that measure the machine, not the run
+
+
+def _test_point(point: str, epoch: int) -> None:
+    """Fault injection for the tests: at `point` of `epoch` (before_ckpt | after_ckpt | step), exit at once
+    like a kill -9 (ACTION exit) or say so on stderr and wait to be signalled (ACTION wait)."""
+    spec = os.environ.get(TEST_AT_ENV)
+    if not spec:
+        return
+    want, at, action = spec.split(":")
+    if want == point and int(at) == epoch:
+        if action == "exit":
+            os._exit(9)
+        print(f"test point {point}:{epoch} reached (pid {os.getpid()})", file=sys.stderr, flush=True)
+        time.sleep(600)
 
 
 def split_output(out) -> tuple[torch.Tensor, dict, dict]:
@@ -61,10 +82,12 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
     """Top-1 / top-5 (percent) over the whole split, exact under DDP (no padded samples)."""
     model.eval()
     correct1 = correct5 = total = skipped = 0
+    first_bad = None
     token_stats = StatSum()
     ctx = autocast(cfg, d.device) if cfg else nullcontext()
-    for x, y, n_skip in loader:
-        skipped += n_skip
+    for x, y, bad in loader:
+        skipped += len(bad)
+        first_bad = first_bad or (bad[0] if bad else None)
         if x is None:
             continue
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
@@ -79,8 +102,11 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
     correct1, correct5, total, skipped = distributed.all_sum([correct1, correct5, total, skipped], d)
     if total == 0:
         raise UserError("the validation split yielded no readable image; check the data directory")
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
-            "n_val": int(total), "val_skipped": int(skipped), **token_stats.means(d)}
+    out = {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total,
+           "n_val": int(total), "val_skipped": int(skipped), **token_stats.means(d)}
+    if first_bad:
+        out["val_skipped_first"] = first_bad
+    return out
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -164,6 +190,8 @@ class Fit:
             from timm.utils import ModelEmaV3
             self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay)
         self.start_epoch = 0
+        self.history: list[dict] = []  # one row per finished epoch, saved in the checkpoint
+        self._warned_splits: set = set()
 
     # -- checkpoints
     @property
@@ -177,11 +205,14 @@ class Fit:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.module.state_dict() if self.ema else None, "rng": ckpt.rng_state(),
+            "history": list(self.history),
         }
 
     def resume(self) -> bool:
+        """Load the checkpoint if there is one; either way make metrics.jsonl hold exactly its epochs' rows."""
         state = ckpt.load(self.ckpt_path)
         if state is None:
+            self._write_metrics([])
             return False
         if state.get("recipe_hash") != self.recipe.hash:
             raise UserError(
@@ -197,14 +228,32 @@ class Fit:
             self.ema.module.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
         self.start_epoch = state["epoch"]
-        self._truncate_metrics(self.start_epoch)
+        self.history = list(state["history"]) if "history" in state else self._rows_on_disk(self.start_epoch)
+        self._write_metrics(self.history)
         return True
 
-    def _truncate_metrics(self, epochs_done: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if self.d.main and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["epoch"] < epochs_done]
-            path.write_text("".join(ln + "\n" for ln in keep))
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _rows_on_disk(self, epochs_done: int) -> list[dict]:
+        """For a checkpoint that predates saved rows: the last row per finished epoch in metrics.jsonl."""
+        rows: dict[int, dict] = {}
+        if self.metrics_path.exists():
+            for ln in self.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] < epochs_done:
+                    rows[row["epoch"]] = row
+        return [rows[e] for e in sorted(rows)]
+
+    def _write_metrics(self, rows: list[dict]) -> None:
+        if self.d.main and (rows or self.metrics_path.exists()):
+            from tpcrepro.records import atomic_write_text
+
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # -- loop
     def train_epoch(self, epoch: int, hook: Optional[StepHook]) -> dict:
@@ -220,10 +269,13 @@ class Fit:
             self.train_loader.sampler.set_epoch(epoch + 100003 * self.seed)
         sums: dict[str, float] = {}
         token_stats = StatSum()
-        images, skipped, t0 = 0, 0, time.perf_counter()
+        images, skipped, first_bad, t0 = 0, 0, None, time.perf_counter()
         with EpochProgress(epoch, self.cfg.epochs, self.steps_per_epoch, enabled=d.main) as bar:
-            for step, (x, y, n_skip) in enumerate(self.train_loader):
-                skipped += n_skip
+            for step, (x, y, bad) in enumerate(self.train_loader):
+                skipped += len(bad)
+                first_bad = first_bad or (bad[0] if bad else None)
+                if step == 0:
+                    _test_point("step", epoch)
                 if x is None:
                     continue
                 if hook:
@@ -238,6 +290,8 @@ class Fit:
         n = max(1, len(self.train_loader))
         out = {k: v / n for k, v in sums.items()}
         out.update(train_images_per_sec=images * d.world / (time.perf_counter() - t0), train_skipped=skipped)
+        if first_bad:
+            out["train_skipped_first"] = first_bad
         out.update(token_stats.means(d, prefix="train_"))
         return out
 
@@ -276,10 +330,10 @@ class Fit:
         if d.world > 1:  # every rank must stop together, or the others hang in the next all-reduce
             bad = distributed.all_sum([float(bad)], d)[0] > 0
         if bad:
-            raise UserError(
-                f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or set train.clip_grad "
-                f"(the last good checkpoint is kept in {self.run_dir})"
-            )
+            kept = (f"the checkpoint after epoch {epoch} in {self.run_dir} is kept" if self.ckpt_path.exists()
+                    else "no checkpoint was written before it")
+            raise UserError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower train.lr or set "
+                            f"train.clip_grad ({kept})")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
@@ -316,20 +370,37 @@ class Fit:
         return {"start_max_break": rep["max_break"], "start_gate_channel_max": rep["gate_channel_max"],
                 "gate_warning": rep["max_break"] < GATE_WARN}
 
-    def run(self, hook: Optional[StepHook] = None) -> dict:
+    def _warn_skipped(self, split: str, row: dict) -> None:
+        """One console line per split the first time it skips unreadable images (count and first path)."""
+        n, first = row.get(f"{split}_skipped", 0), row.get(f"{split}_skipped_first")
+        if n and self.d.main and split not in self._warned_splits:
+            self._warned_splits.add(split)
+            log(f"[yellow]warning:[/] skipped {n} unreadable image(s) in the {split} split (first: {first}); "
+                "the metrics count them as train_skipped / val_skipped")
+
+    def run(self, hook: Optional[StepHook] = None, progress: Optional[dict] = None) -> dict:
+        """Train from the checkpoint (or the start) to the last epoch; `progress['epoch']` tracks epochs saved."""
         d = self.d
+        progress = {} if progress is None else progress
         resumed = self.resume()
+        progress["epoch"] = self.start_epoch
         if resumed and d.main:
             log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.epochs}")
         gates = self.gate_report() if self.start_epoch == 0 else {}
         t0 = time.perf_counter()
         for epoch in range(self.start_epoch, self.cfg.epochs):
             row = {"epoch": epoch, **self.train_epoch(epoch, hook), **evaluate(self.model, self.val_loader, d, self.cfg)}
-            if d.main:
-                with (self.run_dir / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+            self.history.append(row)
+            if d.main:  # checkpoint first: it holds the row, and metrics.jsonl is rebuilt from it on a restart
+                _test_point("before_ckpt", epoch)
                 ckpt.save(self.ckpt_path, self.state(epoch + 1))
+                _test_point("after_ckpt", epoch)
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
                 log(epoch_line(epoch, self.cfg.epochs, row))
+                self._warn_skipped("train", row)
+                self._warn_skipped("val", row)
+            progress["epoch"] = epoch + 1
             distributed.barrier(d)
         final = evaluate(self.model, self.val_loader, d, self.cfg)
         if self.ema:
@@ -340,10 +411,9 @@ class Fit:
         return final
 
     def _train_summary(self) -> dict:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists() or not path.stat().st_size:
+        rows = self.history
+        if not rows:
             return {}
-        rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln]
         rates = [r["train_images_per_sec"] for r in rows if not math.isnan(r.get("train_images_per_sec", math.nan))]
         return {"final_train_loss": rows[-1]["loss"], "train_images_per_sec": sum(rates) / len(rates),
                 "history_top1": [r.get("top1") for r in rows]}  # val top-1 after each epoch (Figure 4)

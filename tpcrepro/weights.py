@@ -8,6 +8,7 @@ from pathlib import Path
 import timm
 import torch
 
+from tpcrepro import checkpoint
 from tpcrepro.errors import UserError
 from tpcrepro.recipe import ModelCfg
 
@@ -54,10 +55,7 @@ def read_state_dict(path: str | Path) -> dict:
         raise UserError(
             f"pretrained weights {p} not found; pass model.pretrained=/path/to/file, or 'hub' where a network is reachable"
         )
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UserError(f"cannot read weights from {p} ({type(e).__name__}: {e}); is it a PyTorch checkpoint?") from None
+    obj = checkpoint.safe_load(p, fix="download it again, or pass model.pretrained= another file")
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
             if isinstance(obj.get(key), dict) and obj[key]:
