@@ -96,12 +96,15 @@ def load(path: Path, fix: str = "pass --force to start the run over, or delete t
 def to_plain(obj: Any, where: str = "", dropped: list | None = None) -> Any:
     """Tensors and plain values from anything unpickled: numpy -> tensors, objects -> their attribute dicts."""
     dropped = [] if dropped is None else dropped
-    if torch.is_tensor(obj) or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+    if torch.is_tensor(obj) or obj is None or type(obj) in (bool, int, float, str, bytes):
         return obj
     if isinstance(obj, np.ndarray):
         return torch.from_numpy(obj.copy()) if obj.dtype != object else to_plain(obj.tolist(), where, dropped)
-    if isinstance(obj, np.generic):
+    if isinstance(obj, np.generic):  # before the plain types: np.float64 is a float subclass
         return obj.item()
+    for plain in (bool, int, float, str, bytes):  # subclasses (enums, numpy scalars) pickle as their class
+        if isinstance(obj, plain):
+            return plain(obj)
     if isinstance(obj, dict):  # OrderedDict included
         return {k if isinstance(k, (str, int, float, bool)) else str(k): to_plain(v, f"{where}.{k}", dropped)
                 for k, v in obj.items()}
