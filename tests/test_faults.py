@@ -25,7 +25,10 @@ from tpcrepro.train import TEST_AT_ENV, TIME_KEYS
 
 from conftest import FAST, make_image_folder
 
+# Smaller still for the jobs run in subprocesses (and the runs compared with them): 2 steps per epoch, 2 blocks.
+TINY = FAST + ("data.subset_train=64", "data.subset_val=32", "model.kwargs={depth: 2}")
 FAST_ARGS = [a for o in FAST for a in ("--set", o)]
+TINY_ARGS = [a for o in TINY for a in ("--set", o)]
 
 
 def tpcrepro(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
@@ -148,7 +151,7 @@ def start_job(run_dir: Path, test_at: str | None, tmp_path: Path) -> subprocess.
     env.pop(TEST_AT_ENV, None)
     if test_at:
         env[TEST_AT_ENV] = test_at
-    cmd = [sys.executable, "-m", "tpcrepro", "job", "smoke/vit", "--run-dir", str(run_dir), "--device", "cpu", *FAST_ARGS]
+    cmd = [sys.executable, "-m", "tpcrepro", "job", "smoke/vit", "--run-dir", str(run_dir), "--device", "cpu", *TINY_ARGS]
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -168,30 +171,29 @@ def snapshot(d: Path) -> dict:
 
 
 def test_one_job_per_run_directory_and_clean_signals(tmp_path, capsys, monkeypatch):
-    """A job paused in epoch 2 holds the lock; a second job stops at once touching nothing; SIGINT / SIGTERM end
-    the first with one line and 130 / 143 and a record; a kill -9 leaves no lock that blocks the next run."""
-    run = tmp_path / "run"
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        first = start_job(run, "step:1:wait", tmp_path)
-        wait_for_point(first)
-        if sig == signal.SIGINT:  # meanwhile a second job on the same directory
-            before, n_records = snapshot(run), len(records.load_records())
-            second, err = tpcrepro(["job", "smoke/vit", "--run-dir", str(run), *FAST_ARGS], capsys, monkeypatch)
-            line = error_line(err)
-            assert second == 2 and str(run) in line and f"pid {first.pid}" in line
-            assert snapshot(run) == before and len(records.load_records()) == n_records
-        first.send_signal(sig)
-        rest = first.stderr.read()
-        assert first.wait(timeout=120) == code, rest
+    """Jobs paused in epoch 2 hold their directories' locks: a second job there stops at once touching nothing;
+    SIGINT / SIGTERM end one with one line, exit 130 / 143 and a record; a kill -9 leaves no lock that blocks."""
+    runs = {name: tmp_path / name for name in ("sigint", "sigterm", "kill")}
+    procs = {name: start_job(run, "step:1:wait", tmp_path) for name, run in runs.items()}  # in parallel
+    for proc in procs.values():
+        wait_for_point(proc)
+    run, first = runs["sigint"], procs["sigint"]
+    before, n_records = snapshot(run), len(records.load_records())
+    second, err = tpcrepro(["job", "smoke/vit", "--run-dir", str(run), *TINY_ARGS], capsys, monkeypatch)
+    line = error_line(err)
+    assert second == 2 and str(run) in line and f"pid {first.pid}" in line
+    assert snapshot(run) == before and len(records.load_records()) == n_records
+    for name, sig, code in (("sigint", signal.SIGINT, 130), ("sigterm", signal.SIGTERM, 143)):
+        procs[name].send_signal(sig)
+        rest = procs[name].stderr.read()
+        assert procs[name].wait(timeout=120) == code, rest
         lines = [ln for ln in rest.splitlines() if ln.strip()]
         assert lines[-1] == "interrupted after epoch 1 of 2; the same command resumes", rest
-        rec = records.load_records()[-1]
-        assert rec.status == "failed" and rec.error == lines[-1]
-    killed = start_job(run, "step:1:wait", tmp_path)
-    wait_for_point(killed)
-    killed.kill()  # SIGKILL: no handler, no cleanup; the kernel drops the lock
-    killed.wait(timeout=60)
-    rec = run_job(load_recipe("smoke/vit", FAST), "train", 0, run_dir=run)
+    errors = sorted(r.error for r in records.load_records() if r.status == "failed")
+    assert errors == ["interrupted after epoch 1 of 2; the same command resumes"] * 2
+    procs["kill"].kill()  # SIGKILL: no handler, no cleanup; the kernel drops the lock
+    procs["kill"].wait(timeout=60)
+    rec = run_job(load_recipe("smoke/vit", TINY), "train", 0, run_dir=runs["kill"])
     assert rec.status == "done" and rec.metrics["resumed"] is True and len(rec.metrics["history_top1"]) == 2
 
 
@@ -213,11 +215,11 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def test_history_survives_kill_9_at_any_point_of_the_checkpoint_write(tmp_path):
-    """Killed right before or right after the first or last checkpoint write (os._exit, like kill -9), then
+    """Killed right before or right after the first checkpoint write (os._exit, like kill -9), then
     resumed: one row per epoch, in order, equal to an uninterrupted run's; no temp file survives."""
-    recipe = load_recipe("smoke/vit", FAST)
+    recipe = load_recipe("smoke/vit", TINY)
     whole = run_job(recipe, "train", 0, run_dir=tmp_path / "whole")
-    points = ["before_ckpt:0", "after_ckpt:0", "after_ckpt:1"]
+    points = ["before_ckpt:0", "after_ckpt:0"]  # the two sides of the first checkpoint write
     procs = {p: start_job(tmp_path / p.replace(":", "_"), f"{p}:exit", tmp_path) for p in points}
     for p, proc in procs.items():
         _, err = proc.communicate(timeout=300)
@@ -238,7 +240,7 @@ def test_without_a_checkpoint_the_curve_starts_empty_and_checkpoints_are_plain(t
     run = tmp_path / "r"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "top1": 1.0}) + "\n")
-    run_job(load_recipe("smoke/vit", FAST + ("train.epochs=1",)), "train", 0, run_dir=run)
+    run_job(load_recipe("smoke/vit", TINY + ("train.epochs=1",)), "train", 0, run_dir=run)
     assert [r["epoch"] for r in rows(run)] == [0] and rows(run)[0]["top1"] != 1.0
     state = torch.load(run / "checkpoint.pt", weights_only=True)  # raises if anything else is inside
     assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0]
@@ -340,7 +342,7 @@ def test_skipped_images_get_one_console_line_per_split(tmp_path, capsys):
     recipe = tmp_path / "folder.yaml"
     recipe.write_text(
         f"base: {Path(__file__).parents[1] / 'recipes' / '_base' / 'smoke.yaml'}\n"
-        "model: {num_classes: 2, in_chans: 3}\n"
+        "model: {num_classes: 2, in_chans: 3, kwargs: {depth: 2}}\n"
         f"data: {{dataset: folder, root: {root}, aug: {{translate: 0}}}}\n"
         "train: {epochs: 2, batch_size: 4, warmup_epochs: 0}\n"
     )

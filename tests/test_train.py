@@ -20,7 +20,7 @@ from conftest import FAST
 
 
 def _weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
 
 
 def test_train_job_writes_checkpoint_metrics_and_record(tmp_path):
@@ -33,7 +33,7 @@ def test_train_job_writes_checkpoint_metrics_and_record(tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(ln)["epoch"] for ln in lines] == [0, 1]
     assert not list(run_dir.glob(".*.tmp"))  # no temp files left behind
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch"} <= set(ckpt) and ckpt["epoch"] == 2
     saved = records.load_records()
     assert len(saved) == 1 and saved[0].metrics == rec.metrics
@@ -62,7 +62,7 @@ def test_killed_mid_epoch_resumes_with_nothing_lost(tmp_path):
 
     with pytest.raises(Killed):
         run_job(r, "train", seed=1, run_dir=tmp_path / "broken", hook=kill_in_epoch_2)
-    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     rec = run_job(r, "train", seed=1, run_dir=tmp_path / "broken")
     assert rec.metrics["resumed"] is True
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "broken")
@@ -83,6 +83,7 @@ def test_nan_loss_is_a_clear_error_and_a_failed_record(tmp_path):
         run_job(r, "train", seed=0)
     recs = records.load_records()
     assert recs[-1].status == "failed" and "loss is" in recs[-1].error
+    assert "no checkpoint was written before it" in recs[-1].error  # it failed in the first epoch
 
 
 def test_eval_only_when_epochs_zero(tmp_path):

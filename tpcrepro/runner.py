@@ -17,7 +17,7 @@ from typing import Optional
 import submitit.helpers
 
 from tpcrepro import records, tables
-from tpcrepro.errors import UserError
+from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
 from tpcrepro.recipe import Recipe, load_recipe, recipe_path
 
@@ -147,7 +147,13 @@ def execute(job: Job, launch: Launch, force: bool = False) -> None:
         raise UserError("several nodes need --rdzv-endpoint HOST:PORT (the same on every node)")
     cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
     log(f"launching: {shlex.join(cmd)}")
-    rc = subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        rc = proc.wait()
+    except Interrupted as e:  # pass the signal on (torchrun forwards it to its workers) and let them stop cleanly
+        proc.send_signal(e.signum)
+        proc.wait()
+        raise
     if rc != 0:
         raise UserError(f"{job.label} failed under torchrun (exit {rc}); its record and the log above say why")
 

@@ -375,8 +375,8 @@ class Fit:
         n, first = row.get(f"{split}_skipped", 0), row.get(f"{split}_skipped_first")
         if n and self.d.main and split not in self._warned_splits:
             self._warned_splits.add(split)
-            log(f"[yellow]warning:[/] skipped {n} unreadable image(s) in the {split} split (first: {first}); "
-                "the metrics count them as train_skipped / val_skipped")
+            print(f"warning: skipped {n} unreadable image(s) in the {split} split (first: {first}); "
+                  f"the metrics count them ({split}_skipped)", file=sys.stderr, flush=True)
 
     def run(self, hook: Optional[StepHook] = None, progress: Optional[dict] = None) -> dict:
         """Train from the checkpoint (or the start) to the last epoch; `progress['epoch']` tracks epochs saved."""
