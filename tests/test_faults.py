@@ -311,7 +311,7 @@ def test_damaged_checkpoint_says_what_to_do(tmp_path, damage, capsys, monkeypatc
     (run / "checkpoint.pt").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2] if damage == "truncated" else b"")
     code, err = tpcrepro(["job", "smoke/vit", "--run-dir", str(run), *FAST_ARGS], capsys, monkeypatch)
     line = error_line(err)
-    assert code == 2 and f"{run / 'checkpoint.pt'} is damaged" in line and "--force" in line
+    assert code == 2 and f"cannot read {run / 'checkpoint.pt'}: the file is damaged" in line and "--force" in line
 
 
 def test_flops_with_a_checkpoint_that_does_not_fit(tmp_path, capsys, monkeypatch):

@@ -61,10 +61,11 @@ def save(path: Path, state: dict) -> None:
     atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
-def safe_load(path: str | Path, fix: str = "delete the file") -> Any:
+def safe_load(path: str | Path, fix: str = "delete the file", what: str = "") -> Any:
     """torch.load with weights_only=True; a file that would run code, or a damaged one, is a one-line UserError.
 
-    `fix` says what to do with a damaged file (e.g. "pass --force to start the run over, or delete the file").
+    `fix` says what to do with a damaged file (e.g. "pass --force to start the run over, or delete the file");
+    `what` names what it was read for in that message (e.g. "weights from ").
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -75,10 +76,11 @@ def safe_load(path: str | Path, fix: str = "delete the file") -> Any:
                 f"{path} contains objects that would have to be executed to load{f' ({what})' if what else ''}; "
                 f"tpcrepro loads only tensors and plain values: {CONVERT_HINT}"
             ) from None
-        raise UserError(f"{path} is damaged (not a readable PyTorch file: {str(e).splitlines()[0][:120]}); {fix}") from None
-    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError) as e:
-        first = (str(e).splitlines() or [""])[0][:120] or "the file ends early"
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {first}); {fix}") from None
+        detail = str(e).splitlines()[0][:120]
+        raise UserError(f"cannot read {what}{path}: the file is damaged or not a PyTorch file ({detail}); {fix}") from None
+    except Exception as e:  # the restricted unpickler runs nothing, so whatever else fails is a damaged file
+        detail = (str(e).splitlines() or [""])[0][:120] or "it ends early"
+        raise UserError(f"cannot read {what}{path}: the file is damaged ({type(e).__name__}: {detail}); {fix}") from None
 
 
 def load(path: Path, fix: str = "pass --force to start the run over, or delete the file") -> dict | None:

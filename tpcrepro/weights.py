@@ -55,7 +55,7 @@ def read_state_dict(path: str | Path) -> dict:
         raise UserError(
             f"pretrained weights {p} not found; pass model.pretrained=/path/to/file, or 'hub' where a network is reachable"
         )
-    obj = checkpoint.safe_load(p, fix="download it again, or pass model.pretrained= another file")
+    obj = checkpoint.safe_load(p, fix="download it again, or pass model.pretrained= another file", what="weights from ")
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
             if isinstance(obj.get(key), dict) and obj[key]:
