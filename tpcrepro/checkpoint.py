@@ -79,7 +79,7 @@ def safe_load(path: str | Path, fix: str = "delete the file", what: str = "") ->
         detail = str(e).splitlines()[0][:120]
         raise UserError(f"cannot read {what}{path}: the file is damaged or not a PyTorch file ({detail}); {fix}") from None
     except Exception as e:  # the restricted unpickler runs nothing, so whatever else fails is a damaged file
-        detail = (str(e).splitlines() or [""])[0][:120] or "it ends early"
+        detail = (str(e).splitlines() or [""])[0].split(". ")[0][:120] or "it ends early"  # torch's first sentence
         raise UserError(f"cannot read {what}{path}: the file is damaged ({type(e).__name__}: {detail}); {fix}") from None
 
 

@@ -77,8 +77,10 @@ def adaptive_flops(checkpoint: str, data_root: Optional[str], device: Optional[s
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # torch lists every mismatch over many lines: name the first
         detail = " ".join(str(e).split("\n\t")[1:2]).strip() or str(e).splitlines()[0]
+        if len(detail) > 100:
+            detail = detail[:100].rsplit(", ", 1)[0] + ", ..."
         raise UserError(f"the weights in {checkpoint} do not fit {recipe.model.name} of recipe {recipe.id} "
-                        f"({detail[:200]}); was the recipe changed since the run? rerun it or pass its own checkpoint") from None
+                        f"({detail}); was the recipe changed since the run? rerun it or pass its own checkpoint") from None
     d = distributed.Dist(device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ds = data_mod.build_datasets(recipe.data, recipe.model, data_root)
     loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size, recipe.data.workers)
