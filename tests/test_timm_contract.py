@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.layers import get_channel_dim
 from timm.models._registry import _model_entrypoints
 
 import tpcrepro.models  # noqa: F401
@@ -78,7 +79,8 @@ def test_features_only_through_timms_feature_machinery():
         m = timm.create_model(name, features_only=True).eval()
         with torch.no_grad():
             feats = m(x)
-        assert [f.shape[1] for f in feats] == m.feature_info.channels(), name
+        axis = get_channel_dim(getattr(m, "output_fmt", "NCHW"))
+        assert [f.shape[axis] for f in feats] == m.feature_info.channels(), name
     with pytest.raises(ValueError, match="features_only"):
         timm.create_model("evit_vit_smoke", features_only=True)
 
@@ -108,7 +110,8 @@ def test_the_deit_cfgs_point_at_the_released_backbones():
             assert (cfg.hf_hub_id, cfg.url, cfg.mean, cfg.crop_pct) == (released.hf_hub_id, released.url,
                                                                          released.mean, released.crop_pct)
     assert timm.models.get_pretrained_cfg("tpc_swin_t").hf_hub_id == "timm/swin_tiny_patch4_window7_224.ms_in1k"
-    assert "tpc_deit_s" in timm.list_models(pretrained=True) and "lvvit_s" not in timm.list_models(pretrained=True)
+    released = timm.list_pretrained()
+    assert "tpc_deit_s.fb_in1k" in released and not [n for n in released if "lvvit" in n]
 
 
 def test_pretrained_without_released_weights_says_what_to_do():

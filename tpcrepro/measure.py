@@ -48,7 +48,8 @@ def count_macs(model: torch.nn.Module, input_shape: tuple, adaptive: bool, kappa
 def static_flops(name: str, img_size: int = 224, num_classes: int = 1000, in_chans: int = 3) -> dict:
     """`tpcrepro flops --model`: params and MACs of one image for a model by name."""
     model = _model(name, img_size, num_classes, in_chans)
-    out = {"model": name, "img_size": img_size, **count_macs(model, (in_chans, img_size, img_size), api.is_adaptive(model))}
+    shape = (in_chans, img_size, img_size)
+    out = {"model": name, "img_size": img_size, **count_macs(model, shape, api.is_adaptive(model))}
     if "macs_all_tokens" in out:  # without a checkpoint an adaptive model reports its all-tokens figure, and says so
         out["macs"] = out["macs_all_tokens"]
         out["note"] = "all tokens computed (no checkpoint given: pass --checkpoint for the mean over images)"

@@ -93,5 +93,5 @@ def block_forward(blk: Block, x: torch.Tensor, valid: Optional[torch.Tensor] = N
                   kappa: Optional[int] = None) -> torch.Tensor:
     """A whole pre-norm block with masked and/or top-κ attention. x [B, N, C]; valid bool [B, 1|H, N, N]."""
     q, k, v = heads(blk, blk.norm1(x))
-    x = TokenBlock.residual_attn(blk, x, TokenBlock.attention(blk, q, k, v, valid, kappa))
+    x = x + blk.drop_path1(blk.ls1(project(blk, TokenBlock.attention(blk, q, k, v, valid, kappa))))
     return TokenBlock.residual_mlp(blk, x)

@@ -172,7 +172,7 @@ class DynamicViT(VisionTransformer):
         for i, blk in enumerate(self.blocks):
             if i in self.dvit.locations:
                 s = self.dvit.locations.index(i)
-                score = self.predictors[s](x[:, 1:], x.new_ones(*x.shape[:2])[:, 1:, None])
+                score = self.predictors[s](x[:, 1:], torch.ones_like(x[:, 1:, :1]))
                 top = score[..., 0].argsort(dim=1, descending=True)[:, : self.keep_counts()[s]]
                 x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, top[..., None].expand(-1, -1, c))], dim=1)
                 patch_index = torch.gather(patch_index, 1, top)

@@ -10,8 +10,6 @@ The keep rate can be warmed up from 1 (cosine, per epoch), as in EViT's
 training from scratch.
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -58,10 +56,17 @@ class EViTBlock(TokenBlock):
     token counts, so the forward has no branch on a tensor's shape.
     """
 
-    prunes: bool = False
-    keep: int = 0  # patch tokens kept
-    fuse: bool = True
-    kappa: Optional[int] = None
+    prunes: bool
+    keep: int  # patch tokens kept
+    fuse: bool
+    kappa: Optional[int]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prunes = False
+        self.keep = 0  # patch tokens kept
+        self.fuse = True
+        self.kappa = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.heads(self.norm1(x))

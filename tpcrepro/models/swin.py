@@ -195,7 +195,7 @@ class TPCSwin(SwinTransformer):
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
                               intermediates_only: bool = False):
-        """timm's SwinTransformer.forward_intermediates, with the TPC stage's halting-weighted output (features_only)."""
+        """timm's SwinTransformer.forward_intermediates, the TPC stage giving its halting-weighted output."""
         assert output_fmt == "NCHW", "Output shape must be NCHW."
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         intermediates = []

@@ -7,8 +7,6 @@ the r best pairs by size-weighted average. Attention adds log(size) to the
 key logits (proportional attention). CLS is never merged.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,10 +36,11 @@ def bipartite_match(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.T
     is matched to its most similar token of b (cosine), and the r best pairs
     merge: a's token src into b's token dst; a's others (kept_a) stay, in order.
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric / metric.norm(p=2.0, dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
-    scores[:, 0, :] = float("-inf")  # CLS (first of set a) never merges
+    cls_row = torch.full_like(scores[:, :1], float("-inf"))
+    scores = torch.cat([cls_row, scores[:, 1:]], dim=1)  # CLS (first of set a) never merges
     best, best_idx = scores.max(dim=-1)
     order = best.argsort(dim=-1, descending=True).unsqueeze(-1)
     kept_a = order[:, r:].sort(dim=1).values  # CLS stays first
@@ -67,8 +66,13 @@ class ToMeBlock(TokenBlock):
     counts) and kappa, so the forward has no branch on a tensor's shape.
     """
 
-    r: int = 0
-    kappa: Optional[int] = None
+    r: int
+    kappa: Optional[int]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.r = 0
+        self.kappa = None
 
     def merge_forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, N, C], size [B, N, 1] -> ([B, N − r, C], [B, N − r, 1])."""
@@ -145,4 +149,5 @@ class ToMeViT(VisionTransformer):
         return total + 5 * (counts[-1] - min(self.tome.r_at(last), (counts[-1] - 1) // 2)) * c
 
 
-register_family(ToMeViT, "tome", "ToMe (r = 13 pairs merged per block)", __name__, smoke_defaults={"tome": ToMeCfg(r=4)})
+register_family(ToMeViT, "tome", "ToMe (r = 13 pairs merged per block)", __name__,
+                smoke_defaults={"tome": ToMeCfg(r=4)})
