@@ -131,3 +131,15 @@ def test_fixed_rate_families_script_and_trace(name):
         ref = m(x)
         assert torch.allclose(torch.jit.script(m)(x), ref, atol=1e-5)
         assert torch.allclose(symbolic_trace(m)(x), ref, atol=1e-5)
+
+
+def test_recipe_weights_of_another_class_count_leave_both_lvvit_heads_initialised(tmp_path):
+    from tpcrepro import weights
+    from tpcrepro.recipe import ModelCfg
+
+    sd = timm.create_model("lvvit_smoke", num_classes=7).state_dict()
+    torch.save(sd, tmp_path / "seven.pth")
+    model = weights.create(ModelCfg(name="lvvit_smoke", num_classes=10, in_chans=1, img_size=16,
+                                    pretrained=str(tmp_path / "seven.pth")))
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
+    assert model.aux_head.out_features == 10 and model.head.out_features == 10
