@@ -85,7 +85,9 @@ class DynamicViT(VisionTransformer):
         super().__init__(**{"block_fn": TokenBlock, **kwargs})
         self.dvit = dynamicvit or DynamicViTCfg()
         self.kappa = kappa
-        self.predictors = nn.ModuleList(Predictor(self.embed_dim) for _ in self.dvit.locations)
+        ref = self.pos_embed  # timm may build the model on another device or dtype (create_model(device=...))
+        self.predictors = nn.ModuleList(Predictor(self.embed_dim) for _ in self.dvit.locations).to(ref.device,
+                                                                                                 ref.dtype)
         self._vit_kwargs = kwargs
         self.cls_token.requires_grad_(False)
         self.pos_embed.requires_grad_(False)

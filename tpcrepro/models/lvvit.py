@@ -56,6 +56,16 @@ class ConvStem(nn.Module):
         self.proj = nn.Conv2d(width, embed_dim, patch, stride=patch)
         self.relu = nn.ReLU(inplace=True)
 
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """A new image size (timm's VisionTransformer.set_input_size resamples the positions to the new grid)."""
+        if patch_size is not None and tuple(patch_size) != self.patch_size:
+            raise ValueError(f"the convolutional stem's patch size is fixed at {self.patch_size}")
+        if img_size is not None:
+            self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            p = self.patch_size[0]
+            self.grid_size = (self.img_size[0] // p, self.img_size[1] // p)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
@@ -98,6 +108,9 @@ def lvvit_parts_(vit: VisionTransformer, skip_lam: float, stem: dict) -> VisionT
         blk.ls1 = Scale(1.0 / skip_lam)
         blk.ls2 = Scale(1.0 / skip_lam)
     vit.aux_head = nn.Linear(vit.embed_dim, vit.num_classes) if vit.num_classes else nn.Identity()
+    ref = vit.pos_embed  # timm may build the model on another device or dtype (create_model(device=...))
+    vit.patch_embed.to(ref.device, ref.dtype)
+    vit.aux_head.to(ref.device, ref.dtype)
     return vit
 
 
@@ -135,7 +148,7 @@ class LVViTHeads:
         VisionTransformer.reset_classifier(self, num_classes, global_pool)
         w = self.head.weight if isinstance(self.head, nn.Linear) else self.cls_token
         self.aux_head = (nn.Linear(self.embed_dim, num_classes, device=w.device, dtype=w.dtype)
-                         if num_classes > 0 else nn.Identity())
+                         if num_classes > 0 else nn.Identity()).train(self.head.training)
 
 
 class LVViT(LVViTHeads, VisionTransformer):

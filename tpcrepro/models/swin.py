@@ -167,7 +167,7 @@ class TPCSwin(SwinTransformer):
         if self.training:
             stack = lambda t: torch.stack(t, 1)  # noqa: E731  [B, L, N]
             losses = ctl.losses(state.rho, stack(ws), stack(bhs), stack(comps), self.tpc)
-        return out, stats, losses
+        return out.to(x.dtype), stats, losses  # the weights are fp32: back to the model's dtype
 
     def _run(self, x: torch.Tensor, trace: Optional[list] = None) -> tuple[torch.Tensor, dict, dict]:
         """(normed features [B, H, W, C], stats, losses)."""
