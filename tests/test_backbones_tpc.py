@@ -26,9 +26,9 @@ def _pair(tpc_name: str, base_name: str, tpc: TPCCfg, **kw):
 def _both_forms(model, x):
     with torch.no_grad():
         model.inference = "removed"
-        removed = model(x)
+        removed = model.forward_with_stats(x)
         model.inference = "masked"
-        masked = model(x)
+        masked = model.forward_with_stats(x)
     return masked, removed
 
 
@@ -80,7 +80,7 @@ def test_lvvit_tokens_halt_with_their_remainder_when_the_cls_halts():
 def test_halting_weights_of_every_token_sum_to_one_on_lvvit():
     torch.manual_seed(0)
     model = timm.create_model("tpc_lvvit_smoke", tpc=BUSY).train()
-    out = model(torch.randn(4, 1, 16, 16))
+    out = model.forward_with_stats(torch.randn(4, 1, 16, 16))
     assert set(out["losses"]) == {"ponder", "distribution"}
     out["logits"].sum().backward()  # the aux head gets gradient through the tokens' outputs
     assert model.aux_head.weight.grad.abs().sum() > 0

@@ -51,8 +51,7 @@ def test_keeping_everything_is_the_backbone(name, kw):
     deit, m = deit_pair(name, **kw)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        out = m(x)
-        logits = out["logits"] if isinstance(out, dict) else out
+        logits = m(x)
         assert torch.allclose(logits, deit(x), atol=1e-4)
 
 
@@ -73,7 +72,7 @@ def test_dynamicvit_training_losses_and_frozen_backbone_schedule():
     m = timm.create_model("dynamicvit_vit_smoke", **SMOKE)
     m.attach_teacher()
     m.train()
-    out = m(torch.randn(8, 1, 16, 16))
+    out = m.forward_with_stats(torch.randn(8, 1, 16, 16))
     assert {"ratio", "distill_cls", "distill_tokens"} == set(out["losses"])
     sum(out["losses"].values()).backward()
     assert m.predictors[0].out_conv[0].weight.grad.abs().sum() > 0  # straight-through reaches the predictor
@@ -107,8 +106,7 @@ def test_every_method_takes_the_stabilizer(name):
     m = timm.create_model(name, kappa=100).eval()
     assert m.kappa == 100
     with torch.no_grad():
-        out = m(torch.randn(1, 3, 224, 224))
-    logits = out["logits"] if isinstance(out, dict) else out
+        logits = m(torch.randn(1, 3, 224, 224))
     assert torch.isfinite(logits).all()
 
 
@@ -136,11 +134,12 @@ def test_tome_counts_macs_and_r_zero_is_the_backbone():
 
 
 def test_tome_merge_is_a_size_weighted_average():
-    from tpcrepro.models.tome import bipartite_merge
+    from tpcrepro.models.tome import bipartite_match, merge_tokens
 
     x = torch.tensor([[[0.0], [1.0], [5.0], [1.1], [9.0]]])  # CLS, then tokens; set a = 0, 2, 4; set b = 1, 3
     metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.1, 1.0], [0.0, 1.0], [1.0, 0.1]]])
-    merge = bipartite_merge(metric, 1)
+    match = bipartite_match(metric, 1)
+    merge = lambda t: merge_tokens(t, *match)  # noqa: E731
     size = torch.ones(1, 5, 1)
     merged, new_size = merge(x * size), merge(size)
     assert merged.shape[1] == 4 and merged[0, 0, 0] == 0.0  # CLS kept first
@@ -162,7 +161,7 @@ def test_avit_that_never_halts_is_the_backbone():
     deit, m = deit_pair("avit_deit_s", tpc=replace(AVIT_S, beta=1e4))
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.allclose(m(x)["logits"], deit(x), atol=1e-4)
+        assert torch.allclose(m.forward_with_stats(x)["logits"], deit(x), atol=1e-4)
 
 
 def test_tome_schedule_counts_match_fvcore():

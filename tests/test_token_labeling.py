@@ -66,11 +66,10 @@ def test_dense_outputs_unmix_the_box(name):
     model = timm.create_model(name).eval()
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
-        plain = model(x, dense=True)
-        empty = model(x, box=(0, 0, 0, 0), dense=True)  # an empty box mixes nothing
-        mixed = model(x, box=(0, 8, 0, 4), dense=True)
+        plain = model.forward_token_labels(x)
+        empty = model.forward_token_labels(x, box=(0, 0, 0, 0))  # an empty box mixes nothing
+        mixed = model.forward_token_labels(x, box=(0, 8, 0, 4))
         pred = model(x)
-    pred = pred["logits"] if isinstance(pred, dict) else pred
     assert plain["aux_tokens"].shape == (3, 64, 10)
     assert torch.allclose(plain["aux_tokens"], empty["aux_tokens"], atol=1e-6)
     assert torch.allclose(pred, plain["logits"] + 0.5 * plain["aux_tokens"].max(1).values, atol=1e-5)

@@ -37,9 +37,9 @@ def test_never_halting_controller_is_the_backbone():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = deit(x)
-        assert torch.allclose(tpc(x)["logits"], ref, atol=1e-5)
+        assert torch.allclose(tpc.forward_with_stats(x)["logits"], ref, atol=1e-5)
         tpc.inference = "masked"
-        assert torch.allclose(tpc(x)["logits"], ref, atol=1e-5)
+        assert torch.allclose(tpc.forward_with_stats(x)["logits"], ref, atol=1e-5)
 
 
 def test_same_parameter_count_as_the_backbone():
@@ -54,9 +54,9 @@ def test_masked_and_removed_forms_agree(cfg, kappa):
     _, tpc = smoke_pair(cfg, kappa)
     x = images(8)
     with torch.no_grad():
-        removed = tpc(x)
+        removed = tpc.forward_with_stats(x)
         tpc.inference = "masked"
-        masked = tpc(x)
+        masked = tpc.forward_with_stats(x)
     assert torch.allclose(removed["logits"], masked["logits"], atol=1e-5)
     for key in ("n_q", "n_kv", "paused", "halted", "restarted", "macs"):
         assert torch.equal(removed["stats"][key], masked["stats"][key]), key
@@ -68,7 +68,7 @@ def test_kappa_at_least_n_equals_dense_tpc():
     _, wide = smoke_pair(ACTIVE, kappa=65)
     x = images()
     with torch.no_grad():
-        assert torch.allclose(dense(x)["logits"], wide(x)["logits"], atol=1e-6)
+        assert torch.allclose(dense.forward_with_stats(x)["logits"], wide.forward_with_stats(x)["logits"], atol=1e-6)
 
 
 def _run_controller(cfg: TPCCfg, depth=8, b=4, n=12, seed=0):
@@ -131,7 +131,7 @@ def test_xi_one_equals_tdr_off():
 def test_gradients_reach_the_gate_channels():
     _, tpc = smoke_pair(ACTIVE)
     tpc.train()
-    out = tpc(images(8))
+    out = tpc.forward_with_stats(images(8))
     (out["losses"]["ponder"] + out["losses"]["distribution"]).backward()
     fc2 = tpc.blocks[0].mlp.fc2.weight.grad  # writes the block output's channels 0 and 1
     assert fc2[:2].abs().sum() > 0
@@ -163,7 +163,7 @@ def test_macs_with_nothing_halted_equal_fvcore_less_the_skipped_final_norm():
     _, tpc = smoke_pair(NEVER)
     base = timm.create_model("vit_smoke_patch2_16", **SMOKE)
     with torch.no_grad():
-        macs = tpc(images(2))["stats"]["macs"]
+        macs = tpc.forward_with_stats(images(2))["stats"]["macs"]
     n, c = 65, SMOKE_VIT["embed_dim"]
     # TPC normalises only the halting-weighted CLS state; the backbone normalises all 65 tokens
     assert (macs == flops.fvcore_macs(base, (1, 16, 16)) - 5 * (n - 1) * c).all()
@@ -180,7 +180,7 @@ def test_gate_report_warns_for_the_paper_literal_gate():
 def test_images_whose_cls_halted_stop_early():
     _, tpc = smoke_pair(TPCCfg(beta=-3.0, gamma=1.0))
     with torch.no_grad():
-        stats = tpc(images(8))["stats"]
+        stats = tpc.forward_with_stats(images(8))["stats"]
     stopped = stats["n_q"] == 0
     assert stopped.any() and (stats["n_q"][:, 0] > 0).all()
 
@@ -239,7 +239,7 @@ def test_removed_form_on_cuda_matches_masked():
     tpc = tpc.cuda()
     x = images(16).cuda()
     with torch.no_grad():
-        removed = tpc(x)["logits"]
+        removed = tpc.forward_with_stats(x)["logits"]
         tpc.inference = "masked"
-        masked = tpc(x)["logits"]
+        masked = tpc.forward_with_stats(x)["logits"]
     assert torch.allclose(removed, masked, atol=1e-4)

@@ -312,10 +312,16 @@ def token_states(trace: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _is_vit_controller(model: torch.nn.Module) -> bool:
+    from tpcrepro.models.vit import TPCVisionTransformer
+
+    return isinstance(model, TPCVisionTransformer)
+
+
 @torch.no_grad()
 def run_trace(model: torch.nn.Module, images: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
     """forward_masked in eval mode: (per-layer trace, logits)."""
-    if not hasattr(model, "forward_masked"):
+    if not _is_vit_controller(model):
         raise UserError(f"{type(model).__name__} has no token controller (forward_masked); pass a TPC or A-ViT model")
     was = model.training
     model.eval()
@@ -365,16 +371,16 @@ def fig5(model: torch.nn.Module, images: torch.Tensor, out: Path | None = None,
 def _cls_attention_at(blk: torch.nn.Module, x: torch.Tensor, valid: torch.Tensor | None,
                       kappa: int | None) -> torch.Tensor:
     """The CLS query's attention over all keys of block input x [B, N, C], averaged over heads. [B, N]."""
+    from tpcrepro.models.blocks import heads
     from tpcrepro.models.stabilizer import nearest_keys
 
-    a = blk.attn
-    b, n, _ = x.shape
-    q, k, _ = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = a.q_norm(q)[:, :, :1], a.k_norm(k)  # [B, H, 1, D], [B, H, N, D]
+    n = x.shape[1]
+    q, k, _ = heads(blk, blk.norm1(x))
+    q = q[:, :, :1]  # [B, H, 1, D]; k [B, H, N, D]
     mask = None if valid is None else valid[:, None, None, :]
     if kappa is not None and kappa < n:
         mask = nearest_keys(q, k, kappa, mask)
-    logits = (q.float() @ k.float().transpose(-2, -1)) * a.scale
+    logits = (q.float() @ k.float().transpose(-2, -1)) * blk.attn.scale
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
     return logits.softmax(-1)[:, :, 0].mean(1)
@@ -391,7 +397,7 @@ def cls_attention(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     was = model.training
     model.eval()
     try:
-        if hasattr(model, "forward_masked"):
+        if _is_vit_controller(model):
             trace, _ = run_trace(model, images)
             inputs = [model._embed(images)] + [t["x"] for t in trace[:-1]]
             kappa = model.kappa

@@ -17,7 +17,7 @@ from tpcrepro import checkpoint as ckpt
 from tpcrepro import distributed, paths, records, runlock, speed, weights
 from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
-from tpcrepro.models import is_adaptive, method_kwargs
+from tpcrepro.models import api, method_kwargs
 from tpcrepro.recipe import Recipe, load_recipe
 
 
@@ -41,7 +41,7 @@ def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[s
         path = init_checkpoint(recipe.model.init_from, seed)
         weights.load_weights(model, path)
         settings["init_from"] = str(path)
-    if hasattr(model, "attach_teacher"):  # distillation from the frozen starting weights (DynamicViT)
+    if isinstance(model, api.Distilled):  # distillation from the frozen starting weights (DynamicViT)
         model.attach_teacher()
     fit = Fit(recipe, model, run_dir, d, data_root, seed)
     return fit.run(hook, progress), settings
@@ -80,7 +80,8 @@ def _flops(recipe: Recipe) -> tuple[dict, dict]:
 
     m = recipe.model
     shape = (m.in_chans, m.img_size, m.img_size)
-    out = count_macs(static_model(recipe), shape, is_adaptive(m.name), recipe.stabilizer.kappa)
+    model = static_model(recipe)
+    out = count_macs(model, shape, api.is_adaptive(model), recipe.stabilizer.kappa)
     settings = {"counter": out.pop("counter"), "note": out.pop("note"), "input_shape": list(shape), "batch": 1}
     return out, settings
 

@@ -9,7 +9,7 @@ import torch
 
 from tpcrepro import flops, speed, weights
 from tpcrepro.errors import UserError
-from tpcrepro.models import is_adaptive
+from tpcrepro.models import api
 from tpcrepro.recipe import ModelCfg
 
 
@@ -31,7 +31,7 @@ def count_macs(model: torch.nn.Module, input_shape: tuple, adaptive: bool, kappa
         out.update(macs_all_tokens=model.macs_all_tokens(),
                    counter="analytic", note="all tokens computed; the mean over images needs a trained checkpoint")
         return out
-    if hasattr(model, "macs"):
+    if isinstance(model, api.FixedSchedule):
         out.update(macs=model.macs(), counter="analytic", note="the method's fixed token schedule")
         if kappa is None:
             out["fvcore_macs"] = flops.fvcore_macs(model, input_shape)
@@ -48,7 +48,8 @@ def count_macs(model: torch.nn.Module, input_shape: tuple, adaptive: bool, kappa
 def static_flops(name: str, img_size: int = 224, num_classes: int = 1000, in_chans: int = 3) -> dict:
     """`tpcrepro flops --model`: params and MACs of one image for a model by name."""
     model = _model(name, img_size, num_classes, in_chans)
-    out = {"model": name, "img_size": img_size, **count_macs(model, (in_chans, img_size, img_size), is_adaptive(name))}
+    shape = (in_chans, img_size, img_size)
+    out = {"model": name, "img_size": img_size, **count_macs(model, shape, api.is_adaptive(model))}
     if "macs_all_tokens" in out:  # without a checkpoint an adaptive model reports its all-tokens figure, and says so
         out["macs"] = out["macs_all_tokens"]
         out["note"] = "all tokens computed (no checkpoint given: pass --checkpoint for the mean over images)"

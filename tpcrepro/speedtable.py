@@ -27,7 +27,7 @@ import torch
 
 from tpcrepro import checkpoint, jobs, records, speed, tables
 from tpcrepro.errors import UserError
-from tpcrepro.models import is_adaptive
+from tpcrepro.models import api
 from tpcrepro.progress import log
 from tpcrepro.recipe import Recipe, load_recipe
 
@@ -80,7 +80,7 @@ def build(e: Entry, base_macs: float, batch: int) -> tuple[torch.nn.Module, str,
     if r.train.epochs > 0 and _finished(r):
         return jobs.load_run_model(r.id), "trained run (seed 0)", None
     model = jobs.static_model(r).eval()
-    if not is_adaptive(r.model.name):
+    if not api.is_adaptive(model):
         return model, "random weights (fixed schedule)", None
     if not e.target_gmacs or not hasattr(model, "dims"):
         raise UserError(f"{r.id}: no finished run to time and no MACs to benchmark it at; train it first")
@@ -108,7 +108,7 @@ def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     items, base = entries(table_id, profile)
     base_model = jobs.static_model(base.recipe)
-    base_macs = float(getattr(base_model, "macs_all_tokens", lambda: 0)() or 0)
+    base_macs = float(base_model.macs_all_tokens()) if api.is_adaptive(base_model) else 0.0
     if not base_macs:
         from tpcrepro import flops
 

@@ -6,8 +6,11 @@ and `metrics.jsonl` (one line per epoch). A run directory with a checkpoint
 resumes from it. The checkpoint is the truth: every start rewrites
 `metrics.jsonl` from the rows it holds (none without a checkpoint), so a kill
 at any moment leaves exactly one row per finished epoch.
-A model's forward may return logits, or a mapping with `logits` and `losses`
-(named, already weighted loss terms added to the task loss) and `stats`.
+Every model's forward returns logits; a model with token statistics or loss
+terms of its own (tpcrepro.models.api.WithStats) reports them through
+`forward_with_stats` -> {"logits", "stats", "losses"} (named, already weighted
+loss terms added to the task loss), which the loop calls through
+`api.stats_forward`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,6 +32,7 @@ from tpcrepro import checkpoint as ckpt
 from tpcrepro import data as data_mod
 from tpcrepro import distributed
 from tpcrepro.errors import UserError
+from tpcrepro.models import api
 from tpcrepro.progress import EpochProgress, log
 from tpcrepro.recipe import Recipe, TrainCfg
 from tpcrepro.stats import StatSum
@@ -52,12 +55,6 @@ def _test_point(point: str, epoch: int) -> None:
             os._exit(9)
         print(f"test point {point}:{epoch} reached (pid {os.getpid()})", file=sys.stderr, flush=True)
         time.sleep(600)
-
-
-def split_output(out) -> tuple[torch.Tensor, dict, dict]:
-    if isinstance(out, Mapping):
-        return out["logits"], dict(out.get("losses", {})), dict(out.get("stats", {}))
-    return out, {}, {}
 
 
 def criterion_for(aug, mixing: bool) -> nn.Module:
@@ -92,8 +89,9 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
             continue
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         with ctx:
-            logits, _, stats = split_output(model(x))
-        token_stats.add(stats)
+            out = api.stats_forward(model, x)
+        logits = out["logits"]
+        token_stats.add(out["stats"])
         top5 = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         correct1 += hit[:, 0].sum().item()
@@ -123,7 +121,7 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters in named groups (a model's `optimizer_groups()`, else one group), no decay on 1-D."""
-    named = model.optimizer_groups() if hasattr(model, "optimizer_groups") else {
+    named = model.optimizer_groups() if isinstance(model, api.GroupedLR) else {
         "all": [p for p in model.parameters() if p.requires_grad]}
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()  # timm: pos_embed, cls_token
     no_decay = {id(p) for n, p in model.named_parameters() if n in skip or p.ndim <= 1}
@@ -162,7 +160,7 @@ class Fit:
         if cfg.batch_size % d.world:
             raise UserError(f"train.batch_size {cfg.batch_size} is not divisible by {d.world} processes")
         self.token_labels = bool(recipe.data.token_labels)
-        if self.token_labels and not hasattr(getattr(model, "aux_head", None), "weight"):
+        if self.token_labels and not isinstance(model, api.TokenLabeled):
             raise UserError(f"data.token_labels trains an aux head per token; {recipe.model.name} has none (use LV-ViT)")
         grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") else None
         ds = data_mod.build_datasets(recipe.data, recipe.model, data_root, token_grid=grid)
@@ -174,8 +172,9 @@ class Fit:
         self.mixup = None if self.token_labels else data_mod.mixup_fn(recipe.data.aug, ds.num_classes)
         self.criterion = criterion_for(recipe.data.aug, self.mixup is not None)
         self.model = model.to(d.device)
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[d.local_rank]
-                    if d.device.startswith("cuda") else None) if d.world > 1 else self.model)
+        stats = api.StatsForward(self.model)  # DDP wraps the stats forward, so it sees every training forward
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(stats, device_ids=[d.local_rank]
+                    if d.device.startswith("cuda") else None) if d.world > 1 else stats)
         self.optimizer = create_optimizer_v2(param_groups(self.model, cfg.weight_decay), opt=cfg.optimizer, lr=cfg.lr,
                                              weight_decay=cfg.weight_decay)
         self.steps_per_epoch = max(1, len(self.train_loader))
@@ -259,9 +258,9 @@ class Fit:
     def train_epoch(self, epoch: int, hook: Optional[StepHook]) -> dict:
         d = self.d
         self.ddp.train()
-        if hasattr(self.model, "set_epoch"):  # schedules inside a method (EViT's keep-rate warm-up)
+        if isinstance(self.model, api.EpochScheduled):  # schedules inside a method (EViT's keep-rate warm-up)
             self.model.set_epoch(epoch)
-        if hasattr(self.model, "lr_scale"):  # per-group lr (DynamicViT: backbone 0.01x, frozen at first)
+        if isinstance(self.model, api.GroupedLR):  # per-group lr (DynamicViT: backbone 0.01x, frozen at first)
             for g in self.optimizer.param_groups:
                 g["lr_scale"] = self.model.lr_scale(g["name"], epoch)
         _seed_epoch(self.seed, epoch, d.rank)
@@ -304,10 +303,9 @@ class Fit:
         if data.mixtoken:
             box, lam = tl.rand_box(grid, float(np.random.beta(1.0, 1.0)))
         target = tl.mix_targets(y, self.num_classes, lam, data.aug.smoothing)
-        out = self.ddp(x, box=box, dense=True)
-        _, losses, stats = split_output(out)
+        out = self.ddp(x, box=box, token_labels=True)
         task = tl.token_label_loss(out["logits"], out["aux_tokens"], target, dense, data.token_label_weight)
-        return task, losses, stats
+        return task, out["losses"], out["stats"]
 
     def train_step(self, x, y, epoch: int, step: int) -> dict:
         d, cfg = self.d, self.cfg
@@ -323,8 +321,9 @@ class Fit:
             if dense is not None:
                 task, losses, stats = self.token_label_step(x, y, dense)
             else:
-                logits, losses, stats = split_output(self.ddp(x))
-                task = self.criterion(logits.float(), y)
+                out = self.ddp(x)
+                losses, stats = out["losses"], out["stats"]
+                task = self.criterion(out["logits"].float(), y)
             loss = task + sum(losses.values()) if losses else task
         bad = not bool(torch.isfinite(loss))
         if d.world > 1:  # every rank must stop together, or the others hang in the next all-reduce
@@ -355,7 +354,7 @@ class Fit:
 
     def gate_report(self) -> dict:
         """For controllers: the gates' statistics on one training batch, with a warning if they cannot learn."""
-        if not hasattr(self.model, "gate_report"):
+        if not api.is_adaptive(self.model):
             return {}
         x = next(x for x, _, _ in self.train_loader if x is not None)
         rep = self.model.gate_report(x.to(self.d.device))

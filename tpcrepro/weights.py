@@ -71,9 +71,11 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def load_state(model: torch.nn.Module, sd: dict, path: object) -> None:
-    """Load strictly, except a classifier head of another size, which is left as initialised."""
+    """Load strictly, except classifier heads of another size (those the model's cfg names), left as initialised."""
     own = model.state_dict()
-    dropped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape and k.startswith(("head.", "fc."))]
+    named = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    heads = ("head.", "fc.") + tuple(f"{c}." for c in ((named,) if isinstance(named, str) else named))
+    dropped = [k for k, v in sd.items() if k in own and own[k].shape != v.shape and k.startswith(heads)]
     for k in dropped:
         sd.pop(k)
     wrong = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]

@@ -26,5 +26,5 @@ def avit_cfg(centre: float) -> TPCCfg:
 AVIT_T, AVIT_S = avit_cfg(30.0), avit_cfg(75.0)
 AVIT_SMOKE = TPCCfg(**{**AVIT_T.__dict__, "beta": 4.0, "target_depth": 5.0})  # the smoke TPC recipes' centre, 0.4
 
-register_family(TPCVisionTransformer, "avit", "A-ViT: one halting gate, no TDR, no pausing", sizes="ts",
+register_family(TPCVisionTransformer, "avit", "A-ViT: one halting gate, no TDR, no pausing", __name__, sizes="ts",
                 defaults={"t": {"tpc": AVIT_T}, "s": {"tpc": AVIT_S}}, smoke_defaults={"tpc": AVIT_SMOKE})

@@ -21,12 +21,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.models.blocks import TokenBlock, block_forward
 from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
-from tpcrepro.models.vit import block_forward
 
 
 @dataclass(frozen=True)
@@ -58,39 +58,44 @@ class Predictor(nn.Module):
         return self.out_conv(torch.cat([local, glob.expand_as(local)], dim=-1))
 
 
-def policy_block(blk: Block, x: torch.Tensor, policy: torch.Tensor, kappa: Optional[int]) -> torch.Tensor:
+def policy_block(blk: TokenBlock, x: torch.Tensor, policy: torch.Tensor, kappa: Optional[int]) -> torch.Tensor:
     """A block whose attention softmax is masked by a differentiable keep policy [B, N] (1 = keep)."""
-    a = blk.attn
-    b, n, c = x.shape
-    q, k, v = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = a.q_norm(q), a.k_norm(k)
-    logits = (q * a.scale) @ k.transpose(-2, -1)
+    q, k, v = blk.heads(blk.norm1(x))
+    n = x.shape[1]
+    logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
     eye = torch.eye(n, device=x.device, dtype=x.dtype)
     allow = policy[:, None, None, :] + (1.0 - policy[:, None, None, :]) * eye  # dropped keys out, self kept
     if kappa is not None and kappa < n:
         allow = allow * nearest_keys(q, k, kappa, (allow > 0)).to(x.dtype)
     weights = torch.exp(logits - logits.amax(-1, keepdim=True)) * allow
     attn = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-    o = a.proj_drop(a.proj(a.norm((attn @ v).transpose(1, 2).reshape(b, n, c))))
-    x = x + blk.drop_path1(blk.ls1(o))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return blk.residual_mlp(blk.residual_attn(x, attn @ v))
 
 
 class DynamicViT(VisionTransformer):
-    """forward -> {"logits", "losses" (training), "stats": {"kept": [B, stages]}}."""
+    """forward -> logits [B, classes]; forward_with_stats -> {"logits", "stats", "losses" (training)}.
+
+    Training runs the masked form (Gumbel decisions, all tokens in the tensor),
+    inference the removed form (each image's top-scoring tokens gathered).
+    """
 
     new_parameter_prefixes = ("predictors.",)  # trained from scratch; backbone checkpoints lack them
 
     def __init__(self, dynamicvit: Optional[DynamicViTCfg] = None, kappa: Optional[int] = None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"block_fn": TokenBlock, **kwargs})
         self.dvit = dynamicvit or DynamicViTCfg()
         self.kappa = kappa
-        self.predictors = nn.ModuleList(Predictor(self.embed_dim) for _ in self.dvit.locations)
-        self.dims = flops.ViTDims.of(self)
+        ref = self.pos_embed  # timm may build the model on another device or dtype (create_model(device=...))
+        self.predictors = nn.ModuleList(Predictor(self.embed_dim) for _ in self.dvit.locations).to(ref.device,
+                                                                                                 ref.dtype)
         self._vit_kwargs = kwargs
         self.cls_token.requires_grad_(False)
         self.pos_embed.requires_grad_(False)
         self._teacher: list = []  # kept out of the module tree: not saved, not counted
+
+    @property
+    def dims(self) -> flops.ViTDims:
+        return flops.ViTDims.of(self)
 
     def keep_counts(self) -> list[int]:
         n = self.dims.num_patches
@@ -140,7 +145,8 @@ class DynamicViT(VisionTransformer):
             full = torch.cat([x.new_ones(b, 1), policy[..., 0]], dim=1)
             x = policy_block(blk, x, full, self.kappa)
         x = self.norm(x)
-        out = {"logits": self.forward_head(x), "stats": {"kept": torch.stack([d.sum(1) for d in decisions], 1)}}
+        out = {"features": x, "logits": self.forward_head(x),
+               "stats": {"kept": torch.stack([d.sum(1) for d in decisions], 1)}}
         if self.training:
             out["losses"] = self._losses(x, out["logits"], decisions, targets, policy, teacher)
         out["decisions"] = decisions
@@ -168,14 +174,14 @@ class DynamicViT(VisionTransformer):
         for i, blk in enumerate(self.blocks):
             if i in self.dvit.locations:
                 s = self.dvit.locations.index(i)
-                score = self.predictors[s](x[:, 1:], x.new_ones(*x.shape[:2])[:, 1:, None])
+                score = self.predictors[s](x[:, 1:], torch.ones_like(x[:, 1:, :1]))
                 top = score[..., 0].argsort(dim=1, descending=True)[:, : self.keep_counts()[s]]
                 x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, top[..., None].expand(-1, -1, c))], dim=1)
                 patch_index = torch.gather(patch_index, 1, top)
                 kept.append(patch_index)
-            x = block_forward(blk, x, None, None, self.kappa)
+            x = block_forward(blk, x, None, self.kappa)
         x = self.norm(x)
-        return {"logits": self.forward_head(x), "kept_index": kept}
+        return {"features": x, "logits": self.forward_head(x), "kept_index": kept}
 
     @torch.no_grad()
     def _teach(self, x: torch.Tensor) -> Optional[tuple]:
@@ -185,13 +191,19 @@ class DynamicViT(VisionTransformer):
         tokens = teacher.forward_features(x)
         return tokens, teacher.forward_head(tokens)
 
-    def forward(self, x: torch.Tensor) -> dict:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normed tokens: all of them (masked form) in training, the kept ones [B, 1 + kept, C] at inference."""
+        return self.forward_masked(x)["features"] if self.training else self.forward_removed(x)["features"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_stats(self, x: torch.Tensor) -> dict:
+        """Training: {"logits", "stats": {"kept": [B, stages]}, "losses"}; inference: {"logits", "stats": {}}."""
         if self.training:
             out = self.forward_masked(x, teacher=self._teach(x))
-            out.pop("decisions")
-            return out
-        out = self.forward_removed(x)
-        return {"logits": out["logits"]}
+            return {k: out[k] for k in ("logits", "stats", "losses")}
+        return {"logits": self.forward_removed(x)["logits"], "stats": {}}
 
     def macs(self) -> int:
         """Blocks at the kept counts, plus the predictors (LayerNorm, Linear, the MLP) on the tokens they score."""
@@ -206,5 +218,5 @@ class DynamicViT(VisionTransformer):
         return flops.vit_macs(d, counts, kappa=self.kappa) + pred
 
 
-register_family(DynamicViT, "dynamicvit", "DynamicViT/0.7",
+register_family(DynamicViT, "dynamicvit", "DynamicViT/0.7", __name__, strict=False,
                 smoke_defaults={"dynamicvit": DynamicViTCfg(locations=(2, 4, 6))})

@@ -18,11 +18,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from tpcrepro import flops
 from tpcrepro.models.evit import EViT, EViTCfg
+from tpcrepro.models.registry import SMOKE_CFG, cfg, register
 from tpcrepro.models.smoke import sincos_init_
 from tpcrepro.models.vit import TPCVisionTransformer
 from tpcrepro.token_labeling import Box, swap_box
@@ -56,6 +55,16 @@ class ConvStem(nn.Module):
         self.bn3 = nn.BatchNorm2d(width)
         self.proj = nn.Conv2d(width, embed_dim, patch, stride=patch)
         self.relu = nn.ReLU(inplace=True)
+
+    def set_input_size(self, img_size=None, patch_size=None) -> None:
+        """A new image size (timm's VisionTransformer.set_input_size resamples the positions to the new grid)."""
+        if patch_size is not None and tuple(patch_size) != self.patch_size:
+            raise ValueError(f"the convolutional stem's patch size is fixed at {self.patch_size}")
+        if img_size is not None:
+            self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            p = self.patch_size[0]
+            self.grid_size = (self.img_size[0] // p, self.img_size[1] // p)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -99,13 +108,10 @@ def lvvit_parts_(vit: VisionTransformer, skip_lam: float, stem: dict) -> VisionT
         blk.ls1 = Scale(1.0 / skip_lam)
         blk.ls2 = Scale(1.0 / skip_lam)
     vit.aux_head = nn.Linear(vit.embed_dim, vit.num_classes) if vit.num_classes else nn.Identity()
+    ref = vit.pos_embed  # timm may build the model on another device or dtype (create_model(device=...))
+    vit.patch_embed.to(ref.device, ref.dtype)
+    vit.aux_head.to(ref.device, ref.dtype)
     return vit
-
-
-def lvvit_head(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """head(CLS) + 0.5 · max over patch tokens of aux_head (x: normed tokens [B, N, C])."""
-    aux = vit.aux_head(x[:, vit.num_prefix_tokens:])
-    return vit.head(x[:, 0]) + 0.5 * aux.max(dim=1).values
 
 
 def embed_mixed(vit: VisionTransformer, x: torch.Tensor, box: Optional[Box]) -> torch.Tensor:
@@ -124,28 +130,42 @@ def token_outputs(vit: VisionTransformer, normed: torch.Tensor, box: Optional[Bo
     return {"logits": vit.head(normed[:, 0]), "aux_tokens": aux}
 
 
-class LVViT(VisionTransformer):
-    """timm VisionTransformer shaped as LV-ViT.
+class LVViTHeads:
+    """LV-ViT's two heads on a timm ViT (mixed in before the ViT class): the prediction, reset, and cfg names."""
 
-    forward(x) -> logits [B, classes]; forward(x, box=...) (token labeling, MixToken box or None via
-    dense=True) -> {"logits": head(CLS), "aux_tokens": [B, N, classes]}.
-    """
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """head(CLS) + 0.5 · max over patch tokens of aux_head; pre_logits (or no classes): the CLS features."""
+        cls = self.head_drop(self.fc_norm(x[:, 0]))
+        if pre_logits or self.num_classes == 0:
+            return cls
+        return self.head(cls) + 0.5 * self.aux_head(x[:, self.num_prefix_tokens:]).max(dim=1).values
+
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.aux_head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's reset, for both heads (a fine-tuning to another class count replaces the aux head too)."""
+        VisionTransformer.reset_classifier(self, num_classes, global_pool)
+        w = self.head.weight if isinstance(self.head, nn.Linear) else self.cls_token
+        self.aux_head = (nn.Linear(self.embed_dim, num_classes, device=w.device, dtype=w.dtype)
+                         if num_classes > 0 else nn.Identity()).train(self.head.training)
+
+
+class LVViT(LVViTHeads, VisionTransformer):
+    """timm VisionTransformer shaped as LV-ViT. forward(x) -> logits [B, classes];
+    forward_token_labels(x, box) -> {"logits": head(CLS), "aux_tokens": [B, N, classes]} (token labeling)."""
 
     def __init__(self, skip_lam: float = 2.0, stem: Optional[dict] = None, **kwargs):
         super().__init__(**{**VIT_DEFAULTS, **kwargs})
         lvvit_parts_(self, skip_lam, stem or {})
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x[:, 0] if pre_logits else lvvit_head(self, x)
-
-    def forward(self, x: torch.Tensor, box: Optional[Box] = None, dense: bool = False):
-        if box is None and not dense:
-            return super().forward(x)
+    def forward_token_labels(self, x: torch.Tensor, box: Optional[Box] = None) -> dict:
+        """Token labeling's outputs; box: MixToken's box, swapped in from the flipped batch and back (None: plain)."""
         t = self.blocks(embed_mixed(self, x, box))
         return token_outputs(self, self.norm(t), box)
 
 
-class TPCLVViT(TPCVisionTransformer):
+class TPCLVViT(LVViTHeads, TPCVisionTransformer):
     """TPC in every LV-ViT block; the aux head reads every token's halting-weighted output (METHOD.md §9)."""
 
     all_token_outputs = True
@@ -153,38 +173,30 @@ class TPCLVViT(TPCVisionTransformer):
     def __init__(self, skip_lam: float = 2.0, stem: Optional[dict] = None, **kwargs):
         super().__init__(**{**VIT_DEFAULTS, **kwargs})
         lvvit_parts_(self, skip_lam, stem or {})
-        self.dims = flops.ViTDims.of(self)
 
-    _box: Optional[Box] = None
-    _dense = False
+    def _embed(self, x: torch.Tensor, box: Optional[Box] = None) -> torch.Tensor:
+        return embed_mixed(self, x, box)
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return embed_mixed(self, x, self._box)
+    def _outputs(self, out: torch.Tensor, box: Optional[Box] = None, token_labels: bool = False) -> dict:
+        if token_labels or box is not None:
+            normed = self.norm(out)
+            return {"features": normed, **token_outputs(self, normed, box)}
+        return super()._outputs(out)
 
-    def _outputs(self, out: torch.Tensor) -> dict:
-        if self._dense or self._box is not None:
-            return token_outputs(self, self.norm(out), self._box)
-        return {"logits": lvvit_head(self, self.norm(out))}
-
-    def forward(self, x: torch.Tensor, box: Optional[Box] = None, dense: bool = False) -> dict:
-        """As TPCVisionTransformer; with box or dense (token labeling) also "aux_tokens", "logits" = head(CLS)."""
-        self._box, self._dense = box, dense
-        try:
-            return super().forward(x)
-        finally:
-            self._box, self._dense = None, False
+    def forward_token_labels(self, x: torch.Tensor, box: Optional[Box] = None) -> dict:
+        """As forward_with_stats, with "logits" = head(CLS) and "aux_tokens" [B, N, classes] (token labeling)."""
+        result = self._form(x, box, token_labels=True)
+        result.pop("features")
+        result["stats"]["macs"] = self.per_image_macs(result["stats"])
+        return result
 
 
-class EViTLVViT(EViT):
+class EViTLVViT(LVViTHeads, EViT):
     """EViT's token reorganisation on LV-ViT (the aux head reads the kept tokens and the fused one)."""
 
     def __init__(self, skip_lam: float = 2.0, stem: Optional[dict] = None, **kwargs):
         super().__init__(**{**VIT_DEFAULTS, **kwargs})
         lvvit_parts_(self, skip_lam, stem or {})
-        self.dims = flops.ViTDims.of(self)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return x[:, 0] if pre_logits else lvvit_head(self, x)
 
 
 # the smoke LV-ViT: digits at 16×16, stem stride 1 and 2×2 patches (8×8 tokens), width 64, depth 8
@@ -192,35 +204,21 @@ SMOKE = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64
              stem=dict(width=16, stride=1, patch=2))
 SMOKE_EVIT = EViTCfg(locations=(2, 4, 6))
 LVVIT_SMOKE_DOC = "on the smoke LV-ViT (16×16 digits, 8×8 tokens, width 64, depth 8, stem width 16)"
-
-
-def _make(cls: type, config: dict, pretrained: bool, kwargs: dict, smoke: bool = False):
-    if pretrained:
-        raise ValueError("LV-ViT has no timm hub weights: set model.pretrained to a released checkpoint file")
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    model = cls(**{**config, **kwargs})
-    return sincos_init_(model) if smoke else model
-
-
-def _register(name: str, cls: type, config: dict, doc: str, defaults: Optional[dict] = None, smoke: bool = False):
-    def create(pretrained: bool = False, **kwargs):
-        return _make(cls, {**config, **(defaults or {})}, pretrained, kwargs, smoke)
-
-    create.__name__ = create.__qualname__ = name
-    create.__module__ = __name__
-    create.__doc__ = doc
-    register_model(create)
-
+# timm has no LV-ViT weights: the cfgs carry no source (recipes load the released files: model.pretrained)
+LVVIT_CFG = cfg(first_conv="patch_embed.conv1", classifier=("head", "aux_head"))
+LVVIT_SMOKE_CFG = cfg(**{**SMOKE_CFG, "first_conv": "patch_embed.conv1", "classifier": ("head", "aux_head")})
 
 SIZES = {"t": "width 240, depth 12, 4 heads (8.53 M params, 2.88 G MACs)",
          "s": "width 384, depth 16, 6 heads (26.15 M params, 6.57 G MACs)",
          "m": "width 512, depth 20, 8 heads (55.83 M params, 12.70 G MACs)"}
 for _size, _what in SIZES.items():
-    _register(f"lvvit_{_size}", LVViT, LVVIT[_size], f"LV-ViT-{_size.upper()}: {_what}.")
-    _register(f"tpc_lvvit_{_size}", TPCLVViT, LVVIT[_size], f"TPC-ViT on LV-ViT-{_size.upper()}.")
-_register("evit_lvvit_s", EViTLVViT, LVVIT["s"], "EViT (keep 0.7 at blocks 5, 9, 13) on LV-ViT-S.",
-          defaults={"evit": EViTCfg(locations=(4, 8, 12))})
-_register("lvvit_smoke", LVViT, SMOKE, f"LV-ViT {LVVIT_SMOKE_DOC}.", smoke=True)
-_register("tpc_lvvit_smoke", TPCLVViT, SMOKE, f"TPC-ViT {LVVIT_SMOKE_DOC}.", smoke=True)
-_register("evit_lvvit_smoke", EViTLVViT, SMOKE, f"EViT {LVVIT_SMOKE_DOC}.", defaults={"evit": SMOKE_EVIT}, smoke=True)
+    register(f"lvvit_{_size}", LVViT, LVVIT[_size], LVVIT_CFG, f"LV-ViT-{_size.upper()}: {_what}.", __name__)
+    register(f"tpc_lvvit_{_size}", TPCLVViT, LVVIT[_size], LVVIT_CFG, f"TPC-ViT on LV-ViT-{_size.upper()}.", __name__)
+register("evit_lvvit_s", EViTLVViT, {**LVVIT["s"], "evit": EViTCfg(locations=(4, 8, 12))}, LVVIT_CFG,
+         "EViT (keep 0.7 at blocks 5, 9, 13) on LV-ViT-S.", __name__)
+register("lvvit_smoke", LVViT, SMOKE, LVVIT_SMOKE_CFG, f"LV-ViT {LVVIT_SMOKE_DOC}.", __name__, post=sincos_init_)
+register("tpc_lvvit_smoke", TPCLVViT, SMOKE, LVVIT_SMOKE_CFG, f"TPC-ViT {LVVIT_SMOKE_DOC}.", __name__,
+         post=sincos_init_)
+register("evit_lvvit_smoke", EViTLVViT, {**SMOKE, "evit": SMOKE_EVIT}, LVVIT_SMOKE_CFG, f"EViT {LVVIT_SMOKE_DOC}.",
+         __name__, post=sincos_init_)
 BACKBONE = {f"tpc_lvvit_{k}": f"lvvit_{k}" for k in SIZES} | {"tpc_lvvit_smoke": "lvvit_smoke"}

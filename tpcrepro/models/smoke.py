@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
-from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
+
+from tpcrepro.models.registry import SMOKE_CFG, SMOKE_NAME, cfg, register, vit_filter
 
 SMOKE_VIT = dict(img_size=16, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=8, num_heads=4, mlp_ratio=4.0)
 
@@ -27,10 +28,6 @@ def sincos_init_(vit: VisionTransformer) -> VisionTransformer:
     return vit
 
 
-@register_model
-def vit_smoke_patch2_16(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT for 16x16 single-channel images (the smoke profile's backbone)."""
-    if pretrained:
-        raise ValueError("vit_smoke_patch2_16 has no published weights; train it with `tpcrepro run smoke/vit`")
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-    return sincos_init_(VisionTransformer(**{**SMOKE_VIT, **kwargs}))
+register(SMOKE_NAME, VisionTransformer, SMOKE_VIT, cfg(**SMOKE_CFG),
+         "ViT for 16x16 single-channel images (the smoke profile's backbone).", __name__, post=sincos_init_,
+         filter_fn=vit_filter, features=dict(feature_cls="getter", out_indices=3))

@@ -20,13 +20,15 @@ image are the backbone's count minus what its skipped tokens did not run.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
-from timm.models import register_model
+from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.swin_transformer import checkpoint_filter_fn as swin_filter
 
 from tpcrepro.models import controller as ctl
+from tpcrepro.models.registry import SMOKE_CFG, backbone_cfg, cfg, register
 
 STAT_KEYS = ("n_q", "paused", "halted", "restarted")
 SWIN_T = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
@@ -95,8 +97,10 @@ def block_removed(blk: SwinTransformerBlock, x: torch.Tensor, computed: torch.Te
 class TPCSwin(SwinTransformer):
     """timm SwinTransformer with the token propagation controller in one stage.
 
-    forward(x) -> {"logits", "losses" (training), "stats"}; the parameters are
-    exactly the backbone's, so a Swin checkpoint loads as is.
+    forward(x) -> logits [B, classes], forward_features -> [B, H, W, C] (NHWC, as timm's Swin);
+    forward_with_stats(x) -> {"logits", "stats" (incl. per-image "macs"), "losses" (training)};
+    features_only through forward_intermediates. The parameters are exactly the
+    backbone's, so a Swin checkpoint loads as is.
     """
 
     def __init__(self, tpc: Optional[ctl.TPCCfg] = None, kappa: Optional[int] = None, tpc_stage: int = 2,
@@ -109,11 +113,21 @@ class TPCSwin(SwinTransformer):
         self.kappa = None
         self.tpc_stage = tpc_stage
         self.inference = inference
-        self.full_macs = swin_macs(self)
-        stage = self.layers[tpc_stage]
-        res = stage.blocks[0].input_resolution
-        self.stage_tokens = res[0] * res[1]
-        self.skip_macs = [block_parts(b, *res)[1] for b in stage.blocks]  # per token that skips norm2 + MLP
+
+    @property
+    def full_macs(self) -> int:
+        return swin_macs(self)
+
+    @property
+    def stage_tokens(self) -> int:
+        res = self.layers[self.tpc_stage].blocks[0].input_resolution
+        return res[0] * res[1]
+
+    @property
+    def skip_macs(self) -> list[int]:
+        """Per block of the TPC stage: the MACs of one token that skips norm2 + MLP."""
+        stage = self.layers[self.tpc_stage]
+        return [block_parts(b, *stage.blocks[0].input_resolution)[1] for b in stage.blocks]
 
     def _stage(self, x: torch.Tensor, trace: Optional[list] = None) -> tuple[torch.Tensor, dict, dict]:
         stage = self.layers[self.tpc_stage]
@@ -128,7 +142,7 @@ class TPCSwin(SwinTransformer):
         ws, bhs, comps = [], [], []
         was_paused = torch.zeros_like(no_cls)
         max_break = x.new_zeros(())
-        masked = self.training or self.inference == "masked"
+        masked = self.training or self.inference == "masked" or x.is_meta  # meta: no values, the fixed-shape form
         for i, blk in enumerate(stage.blocks):
             last = i == depth - 1
             computed, paused = state.computed(), state.paused()
@@ -153,9 +167,10 @@ class TPCSwin(SwinTransformer):
         if self.training:
             stack = lambda t: torch.stack(t, 1)  # noqa: E731  [B, L, N]
             losses = ctl.losses(state.rho, stack(ws), stack(bhs), stack(comps), self.tpc)
-        return out, stats, losses
+        return out.to(x.dtype), stats, losses  # the weights are fp32: back to the model's dtype
 
-    def forward(self, x: torch.Tensor, trace: Optional[list] = None) -> dict:
+    def _run(self, x: torch.Tensor, trace: Optional[list] = None) -> tuple[torch.Tensor, dict, dict]:
+        """(normed features [B, H, W, C], stats, losses)."""
         x = self.patch_embed(x)
         stats, losses = {}, {}
         for i, stage in enumerate(self.layers):
@@ -163,11 +178,41 @@ class TPCSwin(SwinTransformer):
                 x, stats, losses = self._stage(x, trace)
             else:
                 x = stage(x)
-        result = {"logits": self.forward_head(self.norm(x)), "stats": stats}
+        return self.norm(x), stats, losses
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)[0]
+
+    def forward_with_stats(self, x: torch.Tensor, trace: Optional[list] = None) -> dict:
+        """{"logits", "stats": {n_q, paused, halted, restarted: [B, L], macs: [B], max_break}, "losses" (training)}."""
+        features, stats, losses = self._run(x, trace)
+        stats["macs"] = self.per_image_macs(stats)
+        result = {"logits": self.forward_head(features), "stats": stats}
         if self.training:
             result["losses"] = losses
-        stats["macs"] = self.per_image_macs(stats)
         return result
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's SwinTransformer.forward_intermediates, the TPC stage giving its halting-weighted output."""
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        intermediates = []
+        x = self.patch_embed(x)
+        last = len(self.layers) - 1
+        stages = self.layers if not stop_early else self.layers[: max_index + 1]
+        i = 0
+        for i, stage in enumerate(stages):
+            x = self._stage(x)[0] if i == self.tpc_stage else stage(x)
+            if i in take_indices:
+                inter = self.norm(x) if norm and i == last else x
+                intermediates.append(inter.permute(0, 3, 1, 2).contiguous())
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
 
     def per_image_macs(self, stats: dict) -> torch.Tensor:
         """The backbone's MACs minus norm2 + MLP of every token not computed at a block of the stage. [B]."""
@@ -192,38 +237,23 @@ class TPCSwin(SwinTransformer):
         for blk in stage.blocks[:-1]:
             t = blk(t)
             chans.append(t[..., list(self.tpc.gate_dims)].float().amax(dim=(0, 1, 2)))
-        max_break = self(x)["stats"]["max_break"].item()
+        max_break = self.forward_with_stats(x)["stats"]["max_break"].item()
         self.train(was)
         peak = torch.stack(chans).amax(0).tolist()
         return {"max_break": max_break, "gate_channel_max": peak, "centre": self.tpc.beta / self.tpc.gamma}
 
 
-def _clean(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if not k.startswith(("pretrained_cfg", "cache_dir"))}
-
-
-@register_model
-def swin_smoke(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """Swin for 16×16 single-channel images (the smoke profile's Swin backbone)."""
-    if pretrained:
-        raise ValueError("swin_smoke has no published weights; train it with `tpcrepro run smoke/swin`")
-    return SwinTransformer(**{**SMOKE_SWIN, **_clean(kwargs)})
-
-
-@register_model
-def tpc_swin_t(pretrained: bool = False, **kwargs) -> TPCSwin:
-    """TPC-ViT on Swin-T (swin_tiny_patch4_window7_224), the controller in stage 3."""
-    if pretrained:
-        raise ValueError("tpc_swin_t loads its backbone's weights: set model.backbone and model.pretrained")
-    return TPCSwin(**{**SWIN_T, **_clean(kwargs)})
-
-
-@register_model
-def tpc_swin_smoke(pretrained: bool = False, **kwargs) -> TPCSwin:
-    """TPC-ViT on the smoke Swin, the controller in stage 3."""
-    if pretrained:
-        raise ValueError("tpc_swin_smoke loads its backbone's weights: set model.init_from")
-    return TPCSwin(**{**SMOKE_SWIN, **_clean(kwargs)})
-
+# timm's Swin cfg (swin_transformer._cfg), for the smoke Swin: digits at 16×16, a 2×2 grid after stage 4
+SWIN_SMOKE_CFG = cfg(**{**SMOKE_CFG, "pool_size": (2, 2), "classifier": "head.fc", "license": "mit"})
+SWIN_T_TAG = "ms_in1k"
+STAGE_FEATURES = dict(out_indices=(0, 1, 2, 3))
+register("swin_smoke", SwinTransformer, SMOKE_SWIN, SWIN_SMOKE_CFG,
+         "Swin for 16×16 single-channel images (the smoke profile's Swin backbone).", __name__,
+         features=dict(flatten_sequential=True, **STAGE_FEATURES), filter_fn=swin_filter)
+register("tpc_swin_t", TPCSwin, SWIN_T, backbone_cfg(f"swin_tiny_patch4_window7_224.{SWIN_T_TAG}"),
+         "TPC-ViT on Swin-T (swin_tiny_patch4_window7_224), the controller in stage 3.", __name__, tag=SWIN_T_TAG,
+         features=dict(feature_cls="getter", **STAGE_FEATURES), filter_fn=swin_filter)
+register("tpc_swin_smoke", TPCSwin, SMOKE_SWIN, SWIN_SMOKE_CFG, "TPC-ViT on the smoke Swin, the controller in stage 3.",
+         __name__, features=dict(feature_cls="getter", **STAGE_FEATURES), filter_fn=swin_filter)
 
 BACKBONE = {"tpc_swin_t": "swin_tiny_patch4_window7_224", "tpc_swin_smoke": "swin_smoke"}

@@ -7,16 +7,15 @@ the r best pairs by size-weighted average. Attention adds log(size) to the
 key logits (proportional attention). CLS is never merged.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.models.blocks import TokenBlock
 from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
 
@@ -30,63 +29,103 @@ class ToMeCfg:
         return self.schedule[block] if self.schedule else self.r
 
 
-def bipartite_merge(metric: torch.Tensor, r: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function that merges r tokens of [B, N, C] (sum reduction); metric [B, N, D]; token 0 (CLS) is kept."""
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+def bipartite_match(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which tokens merge: metric [B, N, D] -> (kept_a, src, dst), index tensors [B, *, 1]; CLS (token 0) is kept.
+
+    The tokens split into alternating sets a (even) and b (odd); each token of a
+    is matched to its most similar token of b (cosine), and the r best pairs
+    merge: a's token src into b's token dst; a's others (kept_a) stay, in order.
+    """
+    metric = metric / metric.norm(p=2.0, dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)
-    scores[:, 0, :] = float("-inf")  # CLS (first of set a) never merges
+    cls_row = torch.full_like(scores[:, :1], float("-inf"))
+    scores = torch.cat([cls_row, scores[:, 1:]], dim=1)  # CLS (first of set a) never merges
     best, best_idx = scores.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True)[..., None]
+    order = best.argsort(dim=-1, descending=True).unsqueeze(-1)
     kept_a = order[:, r:].sort(dim=1).values  # CLS stays first
     src = order[:, :r]
-    dst = best_idx[..., None].gather(1, src)
-
-    def merge(x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[-1]
-        xa, xb = x[:, ::2], x[:, 1::2]
-        unmerged = xa.gather(1, kept_a.expand(-1, -1, c))
-        moved = xa.gather(1, src.expand(-1, -1, c))
-        xb = xb.scatter_reduce(1, dst.expand(-1, -1, c), moved, reduce="sum")
-        return torch.cat([unmerged, xb], dim=1)
-
-    return merge
+    dst = best_idx.unsqueeze(-1).gather(1, src)
+    return kept_a, src, dst
 
 
-def tome_block(blk: Block, x: torch.Tensor, size: torch.Tensor, r: int, kappa: Optional[int]):
-    """[B, N, C], size [B, N, 1] -> ([B, N − r, C], [B, N − r, 1])."""
-    a = blk.attn
-    b, n, c = x.shape
-    q, k, v = a.qkv(blk.norm1(x)).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = a.q_norm(q), a.k_norm(k)
-    bias = size.log()[:, None, None, :, 0].expand(b, 1, n, n)  # proportional attention
-    if kappa is not None and kappa < n:
-        bias = bias.masked_fill(~nearest_keys(q, k, kappa), float("-inf"))
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=a.scale)
-    x = x + blk.drop_path1(blk.ls1(a.proj_drop(a.proj(a.norm(o.transpose(1, 2).reshape(b, n, c))))))
-    r = min(r, (n - 1) // 2)
-    if r > 0:
-        merge = bipartite_merge(k.mean(1), r)
-        x, size = merge(x * size), merge(size)
-        x = x / size
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), size
+def merge_tokens(x: torch.Tensor, kept_a: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Merge (sum) the matched tokens of x [B, N, C] -> [B, N − r, C]."""
+    c = x.shape[-1]
+    xa, xb = x[:, ::2], x[:, 1::2]
+    unmerged = xa.gather(1, kept_a.expand(-1, -1, c))
+    moved = xa.gather(1, src.expand(-1, -1, c))
+    xb = xb.scatter_reduce(1, dst.expand(-1, -1, c), moved, reduce="sum")
+    return torch.cat([unmerged, xb], dim=1)
+
+
+class ToMeBlock(TokenBlock):
+    """A timm block that merges r token pairs between attention and MLP, with proportional attention.
+
+    The model sets r (already capped at (N − 1) // 2 from its static token
+    counts) and kappa, so the forward has no branch on a tensor's shape.
+    """
+
+    r: int
+    kappa: Optional[int]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.r = 0
+        self.kappa = None
+
+    def merge_forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, N, C], size [B, N, 1] -> ([B, N − r, C], [B, N − r, 1])."""
+        q, k, v = self.heads(self.norm1(x))
+        n = x.shape[1]
+        bias = size.log()[:, None, None, :, 0].expand(-1, 1, n, n)  # proportional attention
+        kappa = self.kappa
+        if kappa is not None and kappa < k.shape[-2]:
+            bias = bias.masked_fill(~nearest_keys(q, k, kappa, None), float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.attn.scale)
+        x = self.residual_attn(x, o)
+        if self.r > 0:
+            kept_a, src, dst = bipartite_match(k.mean(1), self.r)
+            x = merge_tokens(x * size, kept_a, src, dst)
+            size = merge_tokens(size, kept_a, src, dst)
+            x = x / size
+        return self.residual_mlp(x), size
 
 
 class ToMeViT(VisionTransformer):
     """timm VisionTransformer with token merging in every block. forward -> logits [B, classes]."""
 
+    __jit_unused_properties__ = ["dims"]
+
     def __init__(self, tome: Optional[ToMeCfg] = None, kappa: Optional[int] = None, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"block_fn": ToMeBlock, **kwargs})
         self.tome = tome or ToMeCfg()
         self.kappa = kappa
-        self.dims = flops.ViTDims.of(self)
+        self._set_roles()
 
-    def forward_features(self, x: torch.Tensor, **_: object) -> torch.Tensor:
-        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
-        size = x.new_ones(*x.shape[:2], 1)
+    @property
+    def dims(self) -> flops.ViTDims:
+        return flops.ViTDims.of(self)
+
+    def _set_roles(self) -> None:
+        n = self.patch_embed.num_patches + self.num_prefix_tokens
         for i, blk in enumerate(self.blocks):
-            x, size = tome_block(blk, x, size, self.tome.r_at(i), self.kappa)
+            blk.r, blk.kappa = min(self.tome.r_at(i), (n - 1) // 2), self.kappa
+            n -= blk.r
+
+    def set_input_size(self, *args, **kwargs) -> None:
+        super().set_input_size(*args, **kwargs)
+        self._set_roles()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm_pre(self._pos_embed(self.patch_embed(x)))
+        size = torch.ones_like(x[..., :1])
+        for blk in self.blocks:
+            x, size = blk.merge_forward(x, size)
         return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def token_counts(self) -> list[int]:
         n, out = self.dims.num_patches + self.num_prefix_tokens, []
@@ -110,4 +149,5 @@ class ToMeViT(VisionTransformer):
         return total + 5 * (counts[-1] - min(self.tome.r_at(last), (counts[-1] - 1) // 2)) * c
 
 
-register_family(ToMeViT, "tome", "ToMe (r = 13 pairs merged per block)", smoke_defaults={"tome": ToMeCfg(r=4)})
+register_family(ToMeViT, "tome", "ToMe (r = 13 pairs merged per block)", __name__,
+                smoke_defaults={"tome": ToMeCfg(r=4)})

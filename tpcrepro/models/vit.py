@@ -105,7 +105,10 @@ def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch
 class TPCVisionTransformer(VisionTransformer):
     """timm VisionTransformer whose blocks are driven by the token propagation controller.
 
-    forward(x [B, 3, H, W]) -> {"logits": [B, classes], "losses": {...} (training), "stats": {...}}.
+    forward(x [B, 3, H, W]) -> logits [B, classes], as any timm model; forward_features -> the normed
+    halting-weighted outputs of the tokens the prediction reads ([B, 1, C]: CLS); forward_with_stats(x)
+    -> {"logits", "stats" (per-layer token counts [B, L], per-image "macs" [B]), "losses" (training)}.
+    Training runs the masked form, inference the removed one (or masked: inference="masked").
     """
 
     # True (LV-ViT): the prediction reads every token's halting-weighted output, so when an
@@ -120,22 +123,32 @@ class TPCVisionTransformer(VisionTransformer):
         self.kappa_train_only = kappa_train_only  # the stabilizer in training only; dense attention at inference
         self.inference = inference
         self.buckets = buckets  # removed form: images grouped by token count, padded per group
-        self.dims = flops.ViTDims.of(self)
+        if self.global_pool != "token":
+            raise ValueError(f"TPC predicts from the CLS token: global_pool must be 'token', got {self.global_pool!r}")
 
     @property
     def kappa(self) -> Optional[int]:
         return None if self.kappa_train_only and not self.training else self._kappa
 
+    @property
+    def dims(self) -> flops.ViTDims:
+        return flops.ViTDims.of(self)
+
     # -- shared pieces
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor, box=None) -> torch.Tensor:
+        """Patch embedding, prefix tokens and positions. box: MixToken's (TPCLVViT), None here."""
+        if box is not None:
+            raise ValueError(f"{type(self).__name__} takes no MixToken box (token labeling is LV-ViT's)")
         return self.norm_pre(self._pos_embed(self.patch_embed(x)))
 
     def _logits(self, out: torch.Tensor) -> torch.Tensor:
         """The prediction from the halting-weighted outputs [B, N', C] (N' = 1, CLS only, unless all_token_outputs)."""
         return self._outputs(out)["logits"]
 
-    def _outputs(self, out: torch.Tensor) -> dict:
-        return {"logits": self.head(self.head_drop(self.fc_norm(self.norm(out[:, 0]))))}
+    def _outputs(self, out: torch.Tensor, box=None, token_labels: bool = False) -> dict:
+        """Halting-weighted outputs [B, N(, ...), C] -> {"features": normed [B, N', C], "logits": [B, classes]}."""
+        features = self.norm(out[:, : self._n_out(out.shape[1])])
+        return {"features": features, "logits": self.forward_head(features)}
 
     def _n_out(self, n: int) -> int:
         return n if self.all_token_outputs else 1
@@ -176,9 +189,14 @@ class TPCVisionTransformer(VisionTransformer):
         return {"max_break": out, "gate_channel_max": peak, "centre": self.tpc.beta / self.tpc.gamma}
 
     # -- masked form (training, and inference: masked)
-    def forward_masked(self, x: torch.Tensor, trace: Optional[list] = None) -> dict:
-        """trace, if given, receives per layer {x, computed, paused, halted} ([B, N(, C)]) for inspection."""
-        x = self._embed(x)
+    def forward_masked(self, x: torch.Tensor, trace: Optional[list] = None, box=None,
+                       token_labels: bool = False) -> dict:
+        """{"features", "logits", "stats", "losses" (training)} of the masked form.
+
+        trace, if given, receives per layer {x, computed, paused, halted} ([B, N(, C)]) for inspection;
+        box, token_labels: LV-ViT's token-labeling outputs (TPCLVViT).
+        """
+        x = self._embed(x, box)
         bsz, n, _ = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
         is_cls = self._is_cls(bsz, n, x.device)
@@ -210,7 +228,7 @@ class TPCVisionTransformer(VisionTransformer):
             was_paused = paused
         stats = {k: torch.stack(v, 1) for k, v in rows.items()}
         stats["max_break"] = max_break
-        result = {**self._outputs(out), "stats": stats}
+        result = {**self._outputs(out, box, token_labels), "stats": stats}
         if self.training:
             stack = lambda t: torch.stack(t, 1)  # noqa: E731  [B, L, N]
             result["losses"] = ctl.losses(state.rho, stack(ws), stack(bhs), stack(comps), self.tpc)
@@ -218,8 +236,9 @@ class TPCVisionTransformer(VisionTransformer):
 
     # -- removed form (inference)
     @torch.no_grad()
-    def forward_removed(self, x: torch.Tensor) -> dict:
-        x = self._embed(x)
+    def forward_removed(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
+        """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's)."""
+        x = self._embed(x, box)
         bsz, n, c = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
         is_cls = self._is_cls(bsz, n, x.device)
@@ -250,16 +269,32 @@ class TPCVisionTransformer(VisionTransformer):
                 state = state.index(keep)
                 if not len(rows):
                     break
-        return {**self._outputs(final), "stats": stats}
+        return {**self._outputs(final, box, token_labels), "stats": stats}
 
-    def forward(self, x: torch.Tensor) -> dict:
+    # -- the model's interface
+    def _form(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
+        if x.is_meta:  # no values to halt on: the backbone's blocks give the shapes, which are either form's
+            t = self.blocks(self._embed(x, box))
+            zeros = t.new_zeros(t.shape[0], len(self.blocks), dtype=torch.long)
+            return {**self._outputs(t, box, token_labels), "stats": {k: zeros for k in STAT_KEYS}}
         if self.training or self.inference == "masked":
-            result = self.forward_masked(x)
-        else:
-            result = self.forward_removed(x)
+            return self.forward_masked(x, box=box, token_labels=token_labels)
+        return self.forward_removed(x, box, token_labels)
+
+    def forward_with_stats(self, x: torch.Tensor) -> dict:
+        """{"logits": [B, classes], "stats": {n_q, n_kv, paused, halted, restarted: [B, L], macs: [B], ...},
+        "losses": {"ponder", "distribution"} (training only)}."""
+        result = self._form(x)
+        result.pop("features")
         result["stats"]["macs"] = self.per_image_macs(result["stats"])
         return result
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._form(x)["features"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._form(x)["logits"]
+
 
 BACKBONE = {f"tpc_deit_{k}": v for k, v in DEIT_NAMES.items()} | {"tpc_vit_smoke": SMOKE_NAME}
-register_family(TPCVisionTransformer, "tpc", "TPC-ViT: the token propagation controller")
+register_family(TPCVisionTransformer, "tpc", "TPC-ViT: the token propagation controller", __name__)
