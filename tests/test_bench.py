@@ -85,3 +85,18 @@ def test_bench_cli_json_prints_the_real_path_ratios():
     out = json.loads(proc.stdout)
     assert out["mode"] == "real controller" and [r["batch_size"] for r in out["runs"]] == [1, 2]
     assert all(r["removed_ratio"] > 0 and r["replayed_ratio"] > 0 and r["macs_ratio"] > 1 for r in out["runs"])
+
+
+def test_readme_speed_block_is_generated_from_the_bench_records(tmp_path):
+    from tpcrepro import report
+
+    out = benchreal.run("tpc_vit_smoke", 15e6, [1], TINY, peers=False)
+    benchreal.write_records(out)
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- generated: speed -->\nold\n<!-- /generated -->\ny\n")
+    assert report.update_readme(readme) == 1
+    text = readme.read_text()
+    r = out["runs"][0]
+    assert "old" not in text and f"| tpc_vit_smoke | set for 0.015 G | 1 |" in text
+    assert f"{r['removed_ratio']:.2f}×" in text and f"{r['replayed_ratio']:.2f}×" in text
+    assert "TPC-DeiT-S at 2.8 G, batch 1: ≥ 1.35× (stretch 1.5×): not measured" in text

@@ -130,3 +130,64 @@ def write_records(out: dict) -> list:
                "settings": r["settings"]}
         paths.append(write_bench_record(rec))
     return paths
+
+
+# ---------------------------------------------------------------- README block from the records
+
+GOALS = (  # (model, batch predicate, minimum removed ratio, label); on the CPU, fp32
+    ("tpc_deit_s", lambda b: b == 1, 1.35, "TPC-DeiT-S at 2.8 G, batch 1: ≥ 1.35× (stretch 1.5×)"),
+    ("tpc_deit_s", lambda b: 16 <= b <= 32, 1.5, "TPC-DeiT-S at 2.8 G, batch 16-32: ≥ 1.5×"),
+)
+
+
+def real_rows(recs: list) -> list[dict]:
+    """The newest real-controller bench record per (model, run, target, κ, batch, precision, device, threads)."""
+    best: dict = {}
+    for r in recs:
+        m, s = r.metrics, r.settings
+        if r.profile != "bench" or m.get("mode") != "real controller" or s.get("quick"):
+            continue
+        key = (m.get("model"), m.get("run"), m.get("target_macs"), m.get("kappa"), m.get("batch_size"),
+               s.get("precision"), s.get("device_name"), s.get("threads"))
+        if key not in best or r.started_at > best[key].started_at:
+            best[key] = r
+    return [{**r.metrics, "settings": r.settings, "started_at": r.started_at} for r in best.values()]
+
+
+def markdown(recs: list) -> str:
+    """The speed table (real and replayed side by side) and which goals hold, from the bench records."""
+    rows = sorted(real_rows(recs), key=lambda r: (r["model"], r.get("run") or "", r["settings"]["threads"],
+                                                  r["batch_size"], r.get("kappa") or 0))
+    if not rows:
+        return "(no real-controller bench records: `tpcrepro bench --model tpc_deit_s --macs 2.8e9`)"
+    x = lambda r, k: f"{r[k]:.2f}×" if isinstance(r.get(k), (int, float)) else "–"  # noqa: E731
+    lines = ["| model | gates | batch | device, threads | MACs (G) | MACs ÷ | TPC removed, real controller | "
+             "the same counts replayed | TPC masked | EViT 0.7 | ToMe r 13 |", "|" + "---|" * 11]
+    for r in rows:
+        s = r["settings"]
+        gates = f"set for {r['target_macs'] / 1e9:.3g} G" if r.get("target_macs") else f"trained ({r.get('run')})"
+        if r.get("kappa"):
+            gates += f", κ {r['kappa']}"
+        peer = lambda k: (f"{r[f'{k}_ratio']:.2f}× (MACs {r[f'{k}_macs_ratio']:.2f}×)"  # noqa: E731
+                          if f"{k}_ratio" in r else "–")
+        lines.append(f"| {r['model']} | {gates} | {r['batch_size']} | {s['device_name']}, {s['precision']}, "
+                     f"{s['threads']} | {r['macs'] / 1e9:.3f} | {r['macs_ratio']:.2f}× | {x(r, 'removed_ratio')} | "
+                     f"{x(r, 'replayed_ratio')} | {x(r, 'masked_ratio')} | {peer('evit')} | {peer('tome')} |")
+    lines += ["", "Every ratio is to the dense backbone timed in the same run (interleaved, one process). Goals:"]
+    for model, batch_ok, need, label in GOALS:
+        got = [r for r in rows if r["model"] == model and batch_ok(r["batch_size"]) and not r.get("run")
+               and r.get("target_macs") and abs(r["target_macs"] - 2.8e9) < 1e7 and not r.get("kappa")]
+        if not got:
+            lines.append(f"- {label}: not measured")
+            continue
+        cells = ", ".join(f"{r['removed_ratio']:.2f}× (batch {r['batch_size']}, {r['settings']['threads']} "
+                          f"thread{'s' * (r['settings']['threads'] > 1)})" for r in got)
+        verdict = "holds" if all(r["removed_ratio"] >= need for r in got) else (
+            "holds in part" if any(r["removed_ratio"] >= need for r in got) else "does not hold")
+        lines.append(f"- {label}: {cells}: **{verdict}**")
+    trained = [r for r in rows if r.get("run")]
+    if trained:
+        cells = ", ".join(f"{r['model']} batch {r['batch_size']}: {r['removed_ratio']:.2f}×" for r in trained)
+        verdict = "holds" if all(r["removed_ratio"] >= 1.0 for r in trained) else "does not hold"
+        lines.append(f"- a trained smoke TPC not slower than its dense backbone: {cells}: **{verdict}**")
+    return "\n".join(lines)
