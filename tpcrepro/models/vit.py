@@ -103,16 +103,16 @@ def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.T
     b, n, c = x.shape
     if nq == n:  # every token computed in every image: the plain block
         return block_forward(blk, x, None, None, kappa)
-    key = 2 - computed.to(torch.int8) - kv.to(torch.int8)  # 0: query and key, 1: key only, 2: neither
-    idx = torch.argsort(key, dim=1, stable=True)[:, :nkv]
+    key = kv.to(torch.int8) + computed  # 2: query and key, 1: key only, 0: neither
+    idx = torch.argsort(key, dim=1, descending=True, stable=True)[:, :nkv]
     flat = idx if b == 1 else idx + torch.arange(0, b * n, n, device=x.device)[:, None]
     xf = x.view(b * n, c)
     x_kv = xf.index_select(0, flat.reshape(-1)).view(b, nkv, c)
     valid = key.gather(1, idx) if ragged else None
-    new = block_sets(blk, x_kv, nq, None if valid is None else valid < 2, kappa)
+    new = block_sets(blk, x_kv, nq, None if valid is None else valid > 0, kappa)
     if ragged:  # rows past an image's own count are padding: they keep their value
-        new = torch.where((valid[:, :nq] == 0)[..., None], new, x_kv[:, :nq])
-    xf.index_copy_(0, flat[:, :nq].reshape(-1), new.reshape(-1, c))
+        new = torch.where((valid[:, :nq] == 2)[..., None], new, x_kv[:, :nq])
+    xf.index_copy_(0, flat[:, :nq].reshape(-1), new.reshape(-1, c).to(x.dtype))
     return x
 
 
