@@ -147,11 +147,12 @@ def real_rows(recs: list) -> list[dict]:
         m, s = r.metrics, r.settings
         if r.profile != "bench" or m.get("mode") != "real controller" or s.get("quick"):
             continue
-        key = (m.get("model"), m.get("run"), m.get("target_macs"), m.get("kappa"), m.get("batch_size"),
+        key = (r.recipe, m.get("run"), m.get("target_macs"), m.get("kappa"), m.get("batch_size"),
                s.get("precision"), s.get("device_name"), s.get("threads"))
         if key not in best or r.started_at > best[key].started_at:
             best[key] = r
-    return [{**r.metrics, "settings": r.settings, "started_at": r.started_at} for r in best.values()]
+    return [{**r.metrics, "model": r.recipe.removeprefix("bench/"), "settings": r.settings, "started_at": r.started_at}
+            for r in best.values()]
 
 
 def markdown(recs: list) -> str:
