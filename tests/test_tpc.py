@@ -218,7 +218,7 @@ def test_tpc_smoke_training_logs_losses_tokens_and_mean_macs():
 
 def test_benchmark_mode_schedule_and_record():
     from tpcrepro import bench, flops, records
-    from tpcrepro.measure import bench as run_bench, write_bench_record
+    from tpcrepro.measure import bench_schedule as run_bench, write_bench_record
 
     counts = bench.schedule(64, 12, 197, 119, spread=0.5)
     assert counts.float().mean() == pytest.approx(119, abs=0.5) and counts.min() >= 60 and counts.max() <= 179

@@ -9,12 +9,14 @@ the masked form, in one run. Records from here say `benchmark_mode`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from tpcrepro import flops, speed
-from tpcrepro.models.vit import TPCVisionTransformer, layer_masked, layer_removed
+from tpcrepro.errors import UserError
+from tpcrepro.models.vit import TPCVisionTransformer, layer_grouped_, layer_masked
 
 
 def uniform_count(dims: flops.ViTDims, n_tokens: int, target_macs: float, kappa: Optional[int] = None) -> int:
@@ -35,24 +37,45 @@ def schedule(batch: int, depth: int, n_tokens: int, mean: int, spread: float = 0
 
 
 class ScheduleRunner(torch.nn.Module):
-    """A TPC model run at a fixed schedule: tokens removed (gather) or masked (all kept). [B, C, H, W] -> logits."""
+    """A TPC model run at a fixed schedule: tokens removed (gather) or masked (all kept). [B, C, H, W] -> logits.
 
-    def __init__(self, model: TPCVisionTransformer, counts: torch.Tensor, removed: bool = True, buckets: int = 1):
+    counts [B, L]: tokens computed by image b at layer l (the first ones, CLS
+    included; 0 once the image has left the batch); kv_counts [B, L] the keys
+    (≥ counts; default the same). Everything the controller would decide is
+    fixed beforehand, on the host: the ideal removal at these counts.
+    """
+
+    def __init__(self, model: TPCVisionTransformer, counts: torch.Tensor, removed: bool = True, buckets: int = 1,
+                 kv_counts: Optional[torch.Tensor] = None):
         super().__init__()
         self.model, self.removed, self.buckets = model, removed, buckets
+        kv_counts = counts if kv_counts is None else torch.maximum(kv_counts, counts)
         self.register_buffer("counts", counts)
+        self.register_buffer("kv_counts", kv_counts)
+        self.host = [(c.tolist(), kc.tolist()) for c, kc in zip(counts.t(), kv_counts.t())]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
-        x = m._embed(x)
+        x = m._embed(x).contiguous()
         pos = torch.arange(x.shape[1], device=x.device)
+        k = m._n_out(x.shape[1])
+        ended, alive = [], list(range(len(x)))
         for i, blk in enumerate(m.blocks):
-            computed = pos[None, :] < self.counts[: len(x), i : i + 1]
+            nq, nkv = self.host[i]
+            if any(nq[j] == 0 for j in alive):  # images that left the batch: their output is kept aside
+                ended.append(x[[r for r, j in enumerate(alive) if nq[j] == 0], :k])
+                keep = [r for r, j in enumerate(alive) if nq[j] > 0]
+                x, alive = x[keep], [alive[r] for r in keep]
+                if not alive:
+                    break
+            computed = pos[None, :] < self.counts[alive, i : i + 1]
+            kv = pos[None, :] < self.kv_counts[alive, i : i + 1]
             if self.removed:
-                x = layer_removed(blk, x, computed, computed, m.kappa, self.buckets)
+                x = layer_grouped_(blk, x, computed, kv, [nq[j] for j in alive], [nkv[j] for j in alive],
+                                   self.buckets, m.kappa)
             else:
-                x = layer_masked(blk, x, computed, computed, m.kappa)
-        return m._logits(x[:, : m._n_out(x.shape[1])])
+                x = layer_masked(blk, x, computed, kv, m.kappa)
+        return m._logits(torch.cat([*ended, x[:, :k]]))
 
 
 def compare_at_macs(model: TPCVisionTransformer, backbone: torch.nn.Module, target_macs: float,
@@ -149,3 +172,135 @@ def varlen_efficiency(p: speed.Protocol, lo: int = 60, hi: int = 179, buckets: t
     return {"mean_tokens": mean, "range": [lo, hi], "tokens": n,
             **{f"{k}_images_per_sec": v["images_per_sec"] for k, v in res.items()},
             **{f"{k}_of_ideal": v["ratio"] for k, v in res.items() if k != "dense_at_mean"}}
+
+
+# ---------------------------------------------------------------- the real controller
+
+def run_form(model: torch.nn.Module, x: torch.Tensor, form: str) -> dict:
+    """A TPC model's `removed` or `masked` forward -> {"logits", "stats"} with each image's MACs in stats["macs"]."""
+    fn = getattr(model, f"forward_{form}", None)
+    if fn is not None:
+        out = fn(x)
+    else:  # TPC-Swin: the form is a switch of its forward
+        was, model.inference = model.inference, form
+        try:
+            out = model.forward_with_stats(x) if hasattr(model, "forward_with_stats") else model(x)
+        finally:
+            model.inference = was
+    stats = out["stats"]
+    if "macs" not in stats:
+        stats["macs"] = model.per_image_macs(stats)
+    return out
+
+
+def mean_macs(model: torch.nn.Module, x: torch.Tensor, chunk: int = 64) -> float:
+    """Mean over the images of x of the removed forward's per-image MACs."""
+    with torch.inference_mode():
+        return float(torch.cat([run_form(model, c, "removed")["stats"]["macs"] for c in x.split(chunk)]).double().mean())
+
+
+def set_beta(model: torch.nn.Module, beta: float) -> None:
+    model.tpc = replace(model.tpc, beta=float(beta))
+
+
+def calibrate_beta(model: torch.nn.Module, x: torch.Tensor, target: float, iters: int = 24, rtol: float = 2e-3) -> dict:
+    """Set the gate centre β so the removed forward's mean MACs over x land at `target` (bisection).
+
+    MACs grow with β under σ(γ·t − β) and fall with it under σ(γ·t + β). The
+    bracket starts at the model's β and widens until it holds the target.
+    Returns {"beta", "macs", "steps"}.
+    """
+    full = model.macs_all_tokens()
+    if not 0 < target < full:
+        raise UserError(f"--macs {target:.4g} is not below the all-tokens count {full:.4g} of {type(model).__name__}: "
+                        "give a smaller target")
+    grows = model.tpc.gate_sign == "minus"
+    b0 = model.tpc.beta
+    cost = lambda b: (set_beta(model, b), mean_macs(model, x))[1]  # noqa: E731
+    lo, hi, width = b0, b0, max(1.0, model.tpc.gamma)
+    # widen until cost(lo) ≤ target ≤ cost(hi) in the direction MACs grow
+    sign = 1.0 if grows else -1.0
+    for _ in range(12):
+        if cost(lo) <= target:
+            break
+        lo -= sign * width
+        width *= 2
+    width = max(1.0, model.tpc.gamma)
+    for _ in range(12):
+        if cost(hi) >= target:
+            break
+        hi += sign * width
+        width *= 2
+    best, steps = (b0, cost(b0)), 0
+    for steps in range(1, iters + 1):
+        mid = (lo + hi) / 2
+        m = cost(mid)
+        if abs(m - target) < abs(best[1] - target):
+            best = (mid, m)
+        if abs(m - target) <= rtol * target:
+            break
+        lo, hi = (mid, hi) if m < target else (lo, mid)
+    set_beta(model, best[0])
+    if abs(best[1] - target) > 0.05 * target:
+        raise UserError(f"the gates of {type(model).__name__} cannot bring these images to {target:.4g} MACs "
+                        f"(β {best[0]:.4g} gives {best[1]:.4g}; every token computed: {full:.4g}): give another --macs")
+    return {"beta": best[0], "macs": best[1], "steps": steps}
+
+
+class Form(torch.nn.Module):
+    """A TPC model's removed or masked forward as a module returning logits (for speed.compare)."""
+
+    def __init__(self, model: torch.nn.Module, form: str):
+        super().__init__()
+        self.model, self.form = model, form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_form(self.model, x, self.form)["logits"]
+
+
+# the published settings of the token-reduction peers timed beside TPC, per backbone: EViT keep 0.7, ToMe r 13
+PEERS = {"deit_tiny_patch16_224": ("evit_deit_t", "tome_deit_t"), "deit_small_patch16_224": ("evit_deit_s", "tome_deit_s"),
+         "deit_base_patch16_224": ("evit_deit_b", "tome_deit_b"), "vit_smoke_patch2_16": ("evit_vit_smoke", "tome_vit_smoke"),
+         "lvvit_s": ("evit_lvvit_s",), "lvvit_smoke": ("evit_lvvit_smoke",)}
+
+
+def _replay(model: torch.nn.Module, stats: dict) -> torch.nn.Module:
+    """The real forward's per-image, per-layer counts replayed with nothing decided at run time."""
+    if hasattr(model, "stage_tokens"):  # Swin: n_q per block of the TPC stage
+        return SwinScheduleRunner(model, stats["n_q"], True)
+    return ScheduleRunner(model, stats["n_q"], True, model.buckets, kv_counts=stats["n_kv"])
+
+
+def compare_real(model: torch.nn.Module, backbone: torch.nn.Module, x: torch.Tensor, p: speed.Protocol,
+                 peers: Optional[dict] = None) -> dict:
+    """Time, interleaved in one run on the images x: the dense backbone, the TPC model's removed form (the real
+    controller at its current gates), the same per-image counts replayed, the masked form, and the peers.
+
+    Returns every form's images/s and ratio to dense, each one's MACs and MACs ratio, and which form is which.
+    """
+    with torch.inference_mode():
+        removed = run_form(model, x, "removed")
+        masked = run_form(model, x, "masked")
+    stats = removed["stats"]
+    macs = float(stats["macs"].double().mean())
+    dense_macs = float(model.macs_all_tokens())
+    runners = {"dense": backbone, "removed": Form(model, "removed"), "replayed": _replay(model, stats),
+               "masked": Form(model, "masked")}
+    runners |= peers or {}
+    res = speed.compare(runners, tuple(x.shape[1:]), p, inputs=x)
+    out = {"forms": {"dense": "the backbone, every token", "removed": "real controller, tokens removed",
+                     "replayed": "the real forward's per-image counts, fixed beforehand (ideal removal)",
+                     "masked": "real controller, every token kept in the tensor",
+                     **{k: "published setting, random weights" for k in peers or {}}},
+           "macs": macs, "dense_macs": dense_macs, "macs_ratio": dense_macs / macs,
+           "masked_macs": float(masked["stats"]["macs"].double().mean()),
+           "forms_agree": bool(torch.allclose(removed["logits"], masked["logits"], atol=1e-3, rtol=1e-3)),
+           "tokens_n_q": stats["n_q"].double().mean(0).tolist(), "kappa": getattr(model, "kappa", None),
+           "buckets": getattr(model, "buckets", 0)}
+    for name, m in (peers or {}).items():
+        out[f"{name}_macs"] = float(m.macs())
+        out[f"{name}_macs_ratio"] = dense_macs / out[f"{name}_macs"]
+    for name, r in res.items():
+        out |= {f"{name}_images_per_sec": r["images_per_sec"], f"{name}_ratio": r["ratio"],
+                f"{name}_latency_ms": r["latency_ms"], f"{name}_spread": r["spread"]}
+    return out

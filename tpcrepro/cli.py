@@ -243,28 +243,44 @@ def throughput(
 
 @app.command()
 def bench(
-    model: str = typer.Option("tpc_deit_s", "--model", "-m", help="A TPC model: tpc_deit_t|s|b or tpc_vit_smoke."),
-    macs: float = typer.Option(2.8e9, "--macs", help="Target mean MACs per image (the paper's DeiT-S point: 2.8e9)."),
+    model: str = typer.Option("tpc_deit_s", "--model", "-m",
+                              help="tpc_deit_t|s|b, avit_deit_t|s, tpc_lvvit_t|s|m, tpc_swin_t, or a *_smoke one."),
+    macs: Optional[float] = typer.Option(None, "--macs", help="Set the gates so the removed forward lands at these "
+                                         "mean MACs per image (the paper's DeiT-S point: 2.8e9). Default: the model's own gates."),
     kappa: Optional[int] = typer.Option(None, "--kappa", help="Stabilizer κ (default off)."),
-    spread: float = typer.Option(0.5, "--spread", help="Per-image token counts vary by ± this fraction of the mean."),
+    run: Optional[str] = typer.Option(None, "--run", help="Time the trained model of this recipe's run (seed 0)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights to load (a state dict, or with --run its checkpoint)."),
+    calib: Optional[int] = typer.Option(None, "--calib", help="Calibrate β once on N separate random images "
+                                        "(default: on each timed batch, so it lands at --macs)."),
     device: Optional[str] = DeviceOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default 256 on CUDA, 32 on CPU."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Timed at batch 1 and at this size "
+                                             "(default 256 on CUDA, 32 on CPU; 1: batch 1 only)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp32."),
-    record: bool = typer.Option(True, "--record/--no-record", help="Write a record to results/records."),
+    peers: bool = typer.Option(True, "--peers/--no-peers", help="Time EViT and ToMe at their published settings too."),
+    schedule: bool = typer.Option(False, "--schedule", help="The fixed-schedule benchmark mode instead (no controller)."),
+    spread: float = typer.Option(0.5, "--spread", help="--schedule: per-image counts vary by ± this fraction of the mean."),
+    record: bool = typer.Option(True, "--record/--no-record", help="Write records to results/records."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Benchmark mode: time a TPC model at a fixed token schedule (random weights) against its dense backbone.
+    """Time the real controller: dense backbone, TPC removed, the same counts replayed, masked, EViT, ToMe, in one run.
 
-    Speed depends on how many tokens each layer computes, not which: the schedule fixes the per-layer count per
-    image (varying around a mean chosen to hit --macs), and the removed form, the masked form and the dense
-    backbone are timed in one run. The record says benchmark_mode.
+    With --macs the gate centre β is bisected so the real removed forward lands there. Every figure is a ratio to
+    the dense backbone measured in the same run, at batch 1 and at --batch-size; the records say which form each is.
     """
-    from tpcrepro import measure
+    from tpcrepro import benchreal, measure
 
-    out = measure.bench(model, macs, kappa, spread, device, batch_size, precision)
+    if schedule:
+        out = measure.bench_schedule(model, macs or 2.8e9, kappa, spread, device, batch_size, precision)
+        if record:
+            measure.write_bench_record(out)
+        typer.echo(json.dumps(out) if as_json else measure.describe_bench_schedule(out))
+        return
+    p = measure.protocol(device, batch_size, precision, False)
+    sizes = list(dict.fromkeys([1, p.batch_size]))
+    out = benchreal.run(model, macs, sizes, p, kappa, checkpoint, run, calib, peers)
     if record:
-        measure.write_bench_record(out)
-    typer.echo(json.dumps(out) if as_json else measure.describe_bench(out))
+        benchreal.write_records(out)
+    typer.echo(json.dumps(out) if as_json else benchreal.describe(out))
 
 
 @app.command()

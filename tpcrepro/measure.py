@@ -145,8 +145,8 @@ def describe_throughput(out: dict) -> str:
     return text
 
 
-def bench(name: str, target_macs: float, kappa: Optional[int], spread: float, device: Optional[str],
-          batch_size: Optional[int], precision: Optional[str]) -> dict:
+def bench_schedule(name: str, target_macs: float, kappa: Optional[int], spread: float, device: Optional[str],
+                   batch_size: Optional[int], precision: Optional[str]) -> dict:
     """Benchmark mode: the dense backbone vs the TPC model at a fixed token schedule, in one run."""
     from tpcrepro.bench import compare_at_macs, compare_swin_at_macs
     from tpcrepro.models import lvvit, swin, vit
@@ -174,7 +174,7 @@ def bench(name: str, target_macs: float, kappa: Optional[int], spread: float, de
     return {"model": name, "backbone": known[name], "target_macs": target_macs, **res, "settings": speed.settings(p)}
 
 
-def describe_bench(out: dict) -> str:
+def describe_bench_schedule(out: dict) -> str:
     s = out["settings"]
     if out["buckets"]:
         removed = f"removed, {out['buckets']} buckets"

@@ -217,6 +217,11 @@ def update_readme(path: Path) -> int:
 
     def fill(m: re.Match) -> str:
         nonlocal count
+        if m.group(2) == "speed":  # the bench records (tpcrepro bench), not a table
+            from tpcrepro.benchreal import markdown
+
+            count += 1
+            return f"{m.group(1)}{markdown(records.load_records())}\n{m.group(4)}"
         spec = tables.load_table(m.group(2))
         frame = smoke_frame(spec, latest)
         body = frame.to_markdown(index=False, disable_numparse=True) if frame is not None else "(no smoke rows)"

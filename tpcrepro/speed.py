@@ -13,6 +13,7 @@ import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -58,13 +59,18 @@ def _time_steps(model: nn.Module, x: torch.Tensor, p: Protocol) -> float:
     return (time.perf_counter() - t0) / p.steps
 
 
-def compare(models: dict[str, nn.Module], input_shape: tuple, p: Protocol) -> dict[str, dict]:
-    """Time each model by the protocol; the first one is the baseline of the ratios."""
+def compare(models: dict[str, nn.Module], input_shape: tuple, p: Protocol,
+            inputs: Optional[torch.Tensor] = None) -> dict[str, dict]:
+    """Time each model by the protocol; the first one is the baseline of the ratios.
+
+    inputs: the batch to time on (default random of input_shape); models whose cost depends on the
+    values (an adaptive controller) are timed on the images they were calibrated on.
+    """
     prepared = {}
     for name, m in models.items():
         m = m.eval().to(p.device)
         prepared[name] = torch.compile(m) if p.compile else m
-    x = torch.randn(p.batch_size, *input_shape, device=p.device)
+    x = torch.randn(p.batch_size, *input_shape, device=p.device) if inputs is None else inputs.to(p.device)
     times: dict[str, list[float]] = {n: [] for n in prepared}
     with torch.inference_mode(), _autocast(p):
         for m in prepared.values():
@@ -77,10 +83,11 @@ def compare(models: dict[str, nn.Module], input_shape: tuple, p: Protocol) -> di
                 times[n].append(_time_steps(m, x, p))
     base = statistics.median(times[next(iter(times))])
     out = {}
+    b = len(x)
     for n, ts in times.items():
         med = statistics.median(ts)
         out[n] = {
-            "images_per_sec": p.batch_size / med, "latency_ms": med * 1000.0, "ratio": base / med,
+            "images_per_sec": b / med, "latency_ms": med * 1000.0, "ratio": base / med,
             "spread": (max(ts) - min(ts)) / med,
         }
     return out

@@ -80,14 +80,16 @@ class TokenState:
 def gates(t: torch.Tensor, cfg: TPCCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Pause p and non-restart r̃ from the block output t [B, N, C] -> ([B, N], [B, N]).
 
-    With single_gate (A-ViT), r̃ ≡ 1 so b = p.
+    With single_gate (A-ViT), r̃ ≡ 1 so b = p. Both gates in one sigmoid when their channels are adjacent.
     """
     sign = -1.0 if cfg.gate_sign == "minus" else 1.0
     i, j = cfg.gate_dims
-    p = torch.sigmoid(cfg.gamma * t[..., i].float() + sign * cfg.beta)
     if cfg.single_gate:
+        p = torch.sigmoid(cfg.gamma * t[..., i].float() + sign * cfg.beta)
         return p, torch.ones_like(p)
-    return p, torch.sigmoid(cfg.gamma * t[..., j].float() + sign * cfg.beta)
+    both = t[..., i : i + 2] if j == i + 1 else t[..., [i, j]]
+    g = torch.sigmoid(cfg.gamma * both.float() + sign * cfg.beta)
+    return g[..., 0], g[..., 1]
 
 
 def regularize(b: torch.Tensor, computed: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
@@ -95,8 +97,8 @@ def regularize(b: torch.Tensor, computed: torch.Tensor, cfg: TPCCfg) -> torch.Te
     if not cfg.tdr or cfg.xi == 1.0:
         return b
     m = computed.float()
-    mean = (b * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
-    return cfg.xi * b + (1.0 - cfg.xi) * mean
+    mean = (b * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_(min=1.0)
+    return torch.lerp(mean, b, cfg.xi)  # ξ·b + (1 − ξ)·mean
 
 
 def step(state: TokenState, b_hat: torch.Tensor, p: torch.Tensor, r_tilde: torch.Tensor, computed: torch.Tensor,
@@ -108,18 +110,17 @@ def step(state: TokenState, b_hat: torch.Tensor, p: torch.Tensor, r_tilde: torch
     gradients flow through b̂ into w, R and ρ.
     """
     cf = computed.float()
-    if last:
-        halt = computed
-    else:
-        halt = computed & ((state.R - b_hat).detach() <= cfg.delta)
+    rem = state.R - b_hat
+    halt = computed if last else computed & (rem.detach() <= cfg.delta)
+    running = computed ^ halt  # computed and not halted (halt ⊆ computed)
     w = torch.where(halt, state.R, b_hat) * cf
-    R = torch.where(computed & ~halt, state.R - b_hat, state.R)
-    rho = state.rho + cf + torch.where(halt, state.R, torch.zeros_like(state.R))
-    paused = state.paused()
-    pause_left = torch.where(paused, state.pause_left - 1, state.pause_left)
+    R = torch.where(running, rem, state.R)
+    rho = state.rho + torch.where(halt, state.R + 1.0, cf)  # one per layer computed, plus the remainder at halting
+    # paused tokens count down (a token with layers left to skip is never halted: pauses start on running tokens)
+    pause_left = (state.pause_left - 1).clamp_(min=0)
     if cfg.reuse == "pause" and not last:
-        new = computed & ~halt & (p.detach() >= 0.5) & (r_tilde.detach() <= 0.5) & ~is_cls
-        pause_left = torch.where(new, torch.full_like(pause_left, cfg.pause_span), pause_left)
+        new = running & ~is_cls & (p.detach() >= 0.5) & (r_tilde.detach() <= 0.5)
+        pause_left = pause_left.masked_fill_(new, cfg.pause_span)
     return TokenState(R, rho, state.halted | halt, pause_left), w, halt
 
 

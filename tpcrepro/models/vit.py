@@ -63,43 +63,96 @@ def layer_masked(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.
     return torch.where(computed[..., None], new, x)
 
 
-def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True tokens first (order kept), cut to the largest count: ([B, n], valid [B, n])."""
-    n = int(mask.sum(1).max())
-    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :n]
-    return idx, torch.gather(mask, 1, idx)
+def block_sets(blk: Block, x_kv: torch.Tensor, nq: int, valid: Optional[torch.Tensor],
+               kappa: Optional[int]) -> torch.Tensor:
+    """A timm block whose queries are the first nq rows of its keys/values x_kv [B, Nk, C] -> [B, nq, C].
+
+    norm1 runs once on the keys; the query projection only on the first nq
+    rows (one qkv matmul when nq = Nk). valid: bool [B, Nk] usable keys (None: all).
+    """
+    a = blk.attn
+    b, nk, c = x_kv.shape
+    h = blk.norm1(x_kv)
+    if nq == nk:
+        q, k, v = a.qkv(h).reshape(b, nk, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    else:
+        w, bias = a.qkv.weight, a.qkv.bias
+        q = F.linear(h[:, :nq], w[:c], None if bias is None else bias[:c])
+        q = q.reshape(b, nq, a.num_heads, a.head_dim).transpose(1, 2)
+        kv = F.linear(h, w[c:], None if bias is None else bias[c:])
+        k, v = kv.reshape(b, nk, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k = a.q_norm(q), a.k_norm(k)
+    o = attention(q, k, v, None if valid is None else valid[:, None, None, :], kappa, a.scale, 0.0)
+    o = a.proj(a.norm(o.transpose(1, 2).reshape(b, nq, c)))
+    x = x_kv[:, :nq] + blk.ls1(o)
+    return x + blk.ls2(blk.mlp(blk.norm2(x)))
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor, sizes: tuple,
+                kappa: Optional[int]) -> torch.Tensor:
+    """One block on the computed tokens of x [B, N, C] (updated in place and returned); masks [B, N], computed ⊆ kv.
 
-
-def _layer_packed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
-                  kappa: Optional[int]) -> torch.Tensor:
-    if bool(computed.all()):
+    sizes (host ints, read once per layer): (largest computed count, largest
+    kv count, whether counts differ between images). Per image the tokens
+    are ordered computed first, then the other keys (one argsort), gathered
+    once by index_select; the queries are the first rows of the keys, so
+    one gather and one norm1 serve both. Without padding (batch 1, or equal
+    counts) no mask and no write-back select are needed.
+    """
+    nq, nkv, ragged = sizes
+    b, n, c = x.shape
+    if nq == n:  # every token computed in every image: the plain block
         return block_forward(blk, x, None, None, kappa)
-    idx_q, valid_q = _pack(computed)
-    idx_kv, valid_kv = _pack(kv)
-    new = block_forward(blk, _gather(x, idx_q), _gather(x, idx_kv), valid_kv[:, None, :], kappa)
-    new = torch.where(valid_q[..., None], new, _gather(x, idx_q))  # padded rows write back what was there
-    return x.scatter(1, idx_q[..., None].expand(-1, -1, x.shape[-1]), new)
+    key = kv.to(torch.int8) + computed  # 2: query and key, 1: key only, 0: neither
+    idx = torch.argsort(key, dim=1, descending=True, stable=True)[:, :nkv]
+    flat = idx if b == 1 else idx + torch.arange(0, b * n, n, device=x.device)[:, None]
+    xf = x.view(b * n, c)
+    x_kv = xf.index_select(0, flat.reshape(-1)).view(b, nkv, c)
+    valid = key.gather(1, idx) if ragged else None
+    new = block_sets(blk, x_kv, nq, None if valid is None else valid > 0, kappa)
+    if ragged:  # rows past an image's own count are padding: they keep their value
+        new = torch.where((valid[:, :nq] == 2)[..., None], new, x_kv[:, :nq])
+    xf.index_copy_(0, flat[:, :nq].reshape(-1), new.reshape(-1, c).to(x.dtype))
+    return x
+
+
+def host_sizes(nq: list[int], nkv: list[int]) -> tuple[int, int, bool]:
+    """(largest computed count, largest kv count, counts differ) of a group of images."""
+    return max(nq), max(nkv), min(nq) != max(nq) or min(nkv) != max(nkv)
+
+
+def groups(nq: list[int], buckets: int) -> list[list[int]]:
+    """Image indices sorted by computed count, cut into `buckets` groups (one group below 2·buckets images)."""
+    if buckets <= 1 or len(nq) < 2 * buckets:
+        return [list(range(len(nq)))]
+    order = sorted(range(len(nq)), key=nq.__getitem__)
+    size = -(-len(order) // buckets)
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def layer_grouped_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor, nq: list[int],
+                   nkv: list[int], buckets: int, kappa: Optional[int]) -> torch.Tensor:
+    """layer_sets_ on each group of images of similar count (host counts nq, nkv per image); x updated in place."""
+    parts = groups(nq, buckets)
+    if len(parts) == 1:
+        return layer_sets_(blk, x, computed, kv, host_sizes(nq, nkv), kappa)
+    for part in parts:
+        i = torch.tensor(part, device=x.device)
+        sizes = host_sizes([nq[j] for j in part], [nkv[j] for j in part])
+        x.index_copy_(0, i, layer_sets_(blk, x.index_select(0, i), computed[i], kv[i], sizes, kappa))
+    return x
 
 
 def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
                   kappa: Optional[int], buckets: int = 1) -> torch.Tensor:
-    """Only computed tokens are queries and only `kv` tokens keys/values, gathered and padded.
+    """Only computed tokens are queries and only `kv` tokens keys/values (computed ⊆ kv), gathered and padded.
 
     Padding to the batch's largest count wastes the difference to the mean;
     with buckets > 1 the images are sorted by their count and run in that
-    many groups, each padded only to its own largest count.
+    many groups, each padded only to its own largest count. x is not changed.
     """
-    if buckets <= 1 or len(x) < 2 * buckets:
-        return _layer_packed(blk, x, computed, kv, kappa)
-    order = computed.sum(1).argsort()
-    out = torch.empty_like(x)
-    for idx in order.chunk(buckets):
-        out[idx] = _layer_packed(blk, x[idx], computed[idx], kv[idx], kappa)
-    return out
+    counts = torch.stack((computed.sum(1), kv.sum(1))).tolist()  # the one host read of this layer
+    return layer_grouped_(blk, x.clone(), computed, kv, counts[0], counts[1], buckets, kappa)
 
 
 class TPCVisionTransformer(VisionTransformer):
@@ -237,8 +290,11 @@ class TPCVisionTransformer(VisionTransformer):
     # -- removed form (inference)
     @torch.no_grad()
     def forward_removed(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
-        """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's)."""
-        x = self._embed(x, box)
+        """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's).
+
+        Per layer one host read (each image's computed and kv counts, and which images ended) drives
+        the packing and the batch shrinking; the stats rows are assembled once at the end."""
+        x = self._embed(x, box).contiguous()
         bsz, n, c = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
         is_cls = self._is_cls(bsz, n, x.device)
@@ -247,29 +303,39 @@ class TPCVisionTransformer(VisionTransformer):
         k = self._n_out(n)  # tokens whose outputs the prediction reads
         acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
-        stats = {k: torch.zeros(bsz, depth, dtype=torch.long, device=x.device) for k in STAT_KEYS}
+        counts = torch.zeros(bsz, depth, 5, dtype=torch.long, device=x.device)  # (n_q, n_kv, paused, restarted, halted)
         was_paused = torch.zeros_like(is_cls)
+        done = torch.zeros(bsz, dtype=torch.bool, device=x.device)
         for i, blk in enumerate(self.blocks):
-            last = i == depth - 1
             computed, paused = state.computed(), state.paused()
-            kv = computed | (paused if self.tpc.paused_as_kv else torch.zeros_like(paused))
-            x = layer_removed(blk, x, computed, kv, self.kappa, self.buckets)
-            state, w, halt, _, _ = ctl.decide(state, x, computed, last, is_cls, self.tpc)
-            acc = acc + w[:, :k, None] * x[:, :k]
-            for key, m in zip(STAT_KEYS, (computed, kv, paused, halt, computed & was_paused)):
-                stats[key][rows, i] = m.sum(1)
-            was_paused = paused
-            done = state.halted[:, 0]
-            if bool(done.any()) or last:
-                ended = done | last
-                acc = acc + (state.R * ~state.halted)[:, :k, None] * ended[:, None, None] * x[:, :k]  # ctl.finish
-                final[rows[ended]] = acc[ended]
+            kv = computed | paused if self.tpc.paused_as_kv else computed
+            pre = torch.stack((computed, kv, paused, computed & was_paused), 1).sum(-1)  # [b, 4]
+            host = torch.cat((pre[:, :2], done[:, None]), 1).t().tolist()  # the one host read of this layer
+            if any(host[2]):  # images whose CLS halted at the previous layer end there (ctl.finish) and leave
+                acc, final = self._finish(acc, final, state, rows, done, x)
                 keep = ~done
                 x, acc, rows, is_cls, was_paused = x[keep], acc[keep], rows[keep], is_cls[keep], was_paused[keep]
-                state = state.index(keep)
+                state, computed, paused, kv, pre = state.index(keep), computed[keep], paused[keep], kv[keep], pre[keep]
+                host = [[v for v, d in zip(h, host[2]) if not d] for h in host[:2]]
                 if not len(rows):
                     break
+            x = layer_grouped_(blk, x, computed, kv, host[0], host[1], self.buckets, self.kappa)
+            state, w, halt, _, _ = ctl.decide(state, x, computed, i == depth - 1, is_cls, self.tpc)
+            acc = acc.addcmul_(w[:, :k, None], x[:, :k])
+            counts[rows, i] = torch.cat((pre, halt.sum(1, keepdim=True)), 1)
+            was_paused = paused
+            done = state.halted[:, 0]
+        else:  # after the last layer every token has halted (b̂ = 1): the images still running end here
+            acc, final = self._finish(acc, final, state, rows, torch.ones_like(done), x)
+        stats = {key: counts[..., j] for key, j in zip(STAT_KEYS, (0, 1, 2, 4, 3))}
         return {**self._outputs(final, box, token_labels), "stats": stats}
+
+    def _finish(self, acc, final, state, rows, ended, x):
+        """Tokens of the `ended` images not yet halted add their remainder (ctl.finish); their output is final."""
+        k = acc.shape[1]
+        acc = acc + (state.R * ~state.halted)[:, :k, None] * ended[:, None, None] * x[:, :k]
+        final[rows[ended]] = acc[ended]
+        return acc, final
 
     # -- the model's interface
     def _form(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
