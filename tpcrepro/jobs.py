@@ -111,6 +111,7 @@ def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] =
             metrics, settings = _throughput(recipe, d.device)
         else:
             raise UserError(f"unknown job kind '{kind}' (train, flops, throughput)")
+        settings.setdefault("data", recipe.data.dataset)  # the report never mixes data sets in one column
     except UserError as e:
         status, error = "failed", str(e)
     except Exception as e:  # anything else: keep the traceback beside the run, say where it is
