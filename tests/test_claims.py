@@ -60,7 +60,9 @@ def test_interpolation_weights():
     w, how = bootstrap.interpolation_weights(5.0, [10.0, 20.0])
     assert w == [1.0, 0.0] and "nearest" in how
     w, how = bootstrap.interpolation_weights(20.0, [20.0])
-    assert w == [1.0] and how == "at the point"
+    assert w == [1.0] and how == "the only point"
+    w, how = bootstrap.interpolation_weights(30.0, [10.0, 20.0, 30.0])
+    assert w == [0.0, 0.0, 1.0] and how == "at the point"
     # reading a curve at a point: the contrast with the interpolated peer
     x = np.ones(100, bool)
     half = np.zeros(100, bool)

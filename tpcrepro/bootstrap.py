@@ -70,7 +70,9 @@ def interpolation_weights(x: float, xs: Sequence[float]) -> tuple[list[float], s
     order = sorted(range(len(xs)), key=lambda i: xs[i])
     w = [0.0] * len(xs)
     lo, hi = order[0], order[-1]
-    if len(xs) == 1 or x <= xs[lo] or x >= xs[hi]:
+    if len(xs) == 1:
+        return [1.0], "the only point"
+    if x <= xs[lo] or x >= xs[hi]:
         near = lo if abs(x - xs[lo]) <= abs(x - xs[hi]) else hi
         w[near] = 1.0
         return w, "at the point" if abs(xs[near] - x) <= 1e-9 * max(1.0, abs(x)) else "nearest point (outside the curve)"

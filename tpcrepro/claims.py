@@ -198,3 +198,70 @@ def write(out_dir: Optional[Path] = None, latest: Optional[dict] = None) -> Path
     path = out_dir / "claims.md"
     records.atomic_write_text(path, render(latest))
     return path
+
+
+# ---------------------------------------------------------------- calibration of the smoke benchmark
+
+CALIBRATION_ROWS = ("smoke/vit", "smoke/tpc", "smoke/dynamicvit", "smoke/swin", "smoke/lvvit")
+
+
+def _train_current(recipe_id: str, latest: dict) -> list:
+    h = load_recipe(recipe_id).hash
+    return [r for k, r in sorted(latest.items(), key=lambda kv: str(kv[0]))
+            if k[0] == recipe_id and k[1] == PROFILE and k[2] == "train" and r.recipe_hash == h]
+
+
+def _mean_sd(vals: list) -> str:
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f} (1 seed)"
+    return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals):.1f} ({len(vals)} seeds)"
+
+
+def calibration_frame(latest: dict):
+    """The smoke benchmark's power, measured: each target, the value from the records or the generator, met or not."""
+    import pandas as pd
+
+    from tpcrepro.scenes import ScenesDataset, token_coverage
+
+    base = load_recipe("smoke/vit")
+    patch = int(base.model.kwargs.get("patch_size", 16))
+    val = ScenesDataset("val", base.data.scenes)
+    cov = float(token_coverage(np.stack([val.scene(i)[2] for i in range(len(val))]), patch).mean())
+    vit = _train_current("smoke/vit", latest)
+    top1 = [r.metrics["top1"] for r in vit]
+    flops = [r for k, r in latest.items() if k[0] == "smoke/vit" and k[1] == PROFILE and k[2] == "flops"
+             and r.recipe_hash == base.hash]
+    macs = flops[0].metrics["macs"] / 1e6 if flops else None
+
+    def met(ok: Optional[bool]) -> str:
+        return "—" if ok is None else "yes" if ok else "**no**"
+
+    rows = [
+        {"What": "dense smoke ViT top-1 (`smoke/vit`)", "Target": "80-93 %", "Measured": _mean_sd(top1),
+         "Met": met(80 <= statistics.fmean(top1) <= 93 if top1 else None)},
+        {"What": "its spread over seeds", "Target": "sd ≤ 1 point, 3 seeds",
+         "Measured": f"{statistics.stdev(top1):.2f} ({len(top1)} seeds)" if len(top1) > 1 else "—",
+         "Met": met(statistics.stdev(top1) <= 1 and len(top1) >= 3 if len(top1) > 1 else None)},
+        {"What": f"patch tokens the digit touches (mean over the {len(val)} validation scenes, patch {patch})",
+         "Target": "≤ 30 %", "Measured": f"{100 * cov:.1f} %", "Met": met(cov <= 0.30)},
+        {"What": "smoke ViT MACs per image", "Target": "≈ 30 M", "Measured": f"{macs:.2f} M" if macs else "—",
+         "Met": met(abs(macs - 30) <= 3 if macs else None)},
+    ]
+    a, _ = runs("smoke/tpc", latest)
+    b, _ = runs("smoke/dynamicvit", latest)
+    if a is not None and b is not None:
+        iv = bootstrap.difference(a.hits, b.hits)
+        rows.append({"What": "95 % interval of a difference at similar MACs (`smoke/tpc` − `smoke/dynamicvit`)",
+                     "Target": "± ≤ 1 point", "Measured": f"±{iv.half_width:.2f} ({iv.diff:+.2f} [{iv.lo:+.2f}, {iv.hi:+.2f}])",
+                     "Met": met(iv.half_width <= 1.0)})
+    for rid in CALIBRATION_ROWS:
+        recs = _train_current(rid, latest)
+        secs = [r.metrics.get("train_duration_s") for r in recs if r.metrics.get("train_duration_s")]
+        if recs:
+            cpu_txt = recs[0].environment.get("device_name", "?")
+            rows.append({"What": f"seconds per training, `{rid}` (top-1 {_mean_sd([r.metrics['top1'] for r in recs])})",
+                         "Target": "≤ ~90 s on one core", "Measured": f"{statistics.fmean(secs):.0f} s on {cpu_txt}"
+                         if secs else "—", "Met": met(statistics.fmean(secs) <= 90 if secs else None)})
+    return pd.DataFrame(rows)

@@ -226,11 +226,12 @@ def update_readme(path: Path) -> int:
 
     def fill(m: re.Match) -> str:
         nonlocal count
-        if m.group(2) == "claims":
+        if m.group(2) in ("claims", "calibration"):
             from tpcrepro import claims
 
             count += 1
-            return f"{m.group(1)}{claims.summary_frame(latest).to_markdown(index=False, disable_numparse=True)}\n{m.group(4)}"
+            df = claims.summary_frame(latest) if m.group(2) == "claims" else claims.calibration_frame(latest)
+            return f"{m.group(1)}{df.to_markdown(index=False, disable_numparse=True)}\n{m.group(4)}"
         spec = tables.load_table(m.group(2))
         frame = smoke_frame(spec, latest)
         body = frame.to_markdown(index=False, disable_numparse=True) if frame is not None else "(no smoke rows)"

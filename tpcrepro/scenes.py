@@ -58,6 +58,8 @@ class ScenesCfg:
     clutter: int = 4  # fragments of other digits per scene
     fragment: float = 0.5  # a fragment's side ÷ the glyph's side
     clutter_alpha: float = 1.0  # a fragment's opacity (the digit's is 1)
+    polarity: int = 0  # 1: strokes brighter than the background under them; 0: brighter or darker
+    brightness: float = 1.0  # the background's gains are drawn in [0.6, 1.4] × this
     spread: float = 1.0  # the digit's centre: uniform over this fraction of the free range around the middle
     contrast: float = 0.25  # least luminance difference between a stroke's colour and what lies under it
 
@@ -149,11 +151,14 @@ class _Draws:
         return min(hi - 1, lo + int(self.uniform() * (hi - lo)))
 
 
-def _colour(r: _Draws, under: np.ndarray, contrast: float) -> np.ndarray:
-    """A random RGB colour whose luminance is at least `contrast` away from the mean of `under` [h, w, 3]."""
+def _colour(r: _Draws, under: np.ndarray, contrast: float, polarity: int = 0) -> np.ndarray:
+    """A random RGB colour whose luminance is at least `contrast` above (polarity 1) or away from (0) the mean
+    of `under` [h, w, 3]."""
     c = r.uniform(size=3)
     lum_under, lum = float(under.mean(axis=(0, 1)) @ LUMA), float(c @ LUMA)
-    if abs(lum - lum_under) < contrast:  # move it away, towards the side with more room
+    if polarity > 0 and lum < lum_under + contrast:  # strokes brighter than what lies under them
+        c = np.clip(c + (min(1.0, lum_under + contrast) - lum), 0.0, 1.0)
+    elif polarity == 0 and abs(lum - lum_under) < contrast:  # either way: away, towards the side with more room
         target = lum_under + contrast if lum_under < 0.5 else lum_under - contrast
         c = np.clip(c + (target - lum), 0.0, 1.0)
     return c
@@ -180,7 +185,7 @@ def draw(cfg: ScenesCfg, a: Assets, rng: np.random.Generator, digit: int | None 
         img = img[:, ::-1]
     if r.uniform() < 0.5:
         img = img[::-1]
-    img = img * r.uniform(0.6, 1.4, size=3)  # colour jitter: a gain per channel ...
+    img = img * (cfg.brightness * r.uniform(0.6, 1.4, size=3))  # colour jitter: a gain per channel ...
     mean = img.mean()
     img = np.clip((img - mean) * r.uniform(0.5, 1.2) + mean, 0.0, 1.0)  # ... and contrast
     main = r.integer(0, n) if digit is None else int(digit)
@@ -192,13 +197,13 @@ def draw(cfg: ScenesCfg, a: Assets, rng: np.random.Generator, digit: int | None 
         gy, gx = r.integer(0, k - f + 1), r.integer(0, k - f + 1)
         frag = a.glyphs[k][other, gy:gy + f, gx:gx + f]
         py, px = r.integer(0, C - f + 1), r.integer(0, C - f + 1)
-        _blend(img, frag * cfg.clutter_alpha, _colour(r, img[py:py + f, px:px + f], cfg.contrast), py, px)
+        _blend(img, frag * cfg.clutter_alpha, _colour(r, img[py:py + f, px:px + f], cfg.contrast, cfg.polarity), py, px)
     k = r.integer(cfg.digit_min, cfg.digit_max + 1)
     glyph = a.glyphs[k][main]
     free = C - k  # the digit's top-left corner lies in [0, free]; `spread` narrows that around free / 2
     lo = int(round(free * (1 - cfg.spread) / 2))
     py, px = r.integer(lo, free - lo + 1), r.integer(lo, free - lo + 1)
-    _blend(img, glyph, _colour(r, img[py:py + k, px:px + k], cfg.contrast), py, px)
+    _blend(img, glyph, _colour(r, img[py:py + k, px:px + k], cfg.contrast, cfg.polarity), py, px)
     mask = np.zeros((C, C), dtype=np.float32)
     mask[py:py + k, px:px + k] = glyph
     return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32), int(a.labels[main]), mask
