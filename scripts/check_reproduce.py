@@ -1,11 +1,11 @@
 """Rerun one committed smoke job here and demand its committed top-1, bit for bit.
 
-    python scripts/check_reproduce.py [RECIPE] [SEED]      (default: smoke/vit 0, ~3 CPU-minutes)
+    python scripts/check_reproduce.py [RECIPE] [SEED] [--keep]   (default: smoke/vit 0, ~2-4 CPU-minutes)
 
 Reads the newest done train record of RECIPE/SEED for the current recipe
 version from results/records, reruns it into a temporary results folder with
 the same threads (OMP_NUM_THREADS from the record), and compares top-1 and
-every validation image's hit. Exit 0: identical; 1: different (what differs is
+every validation image's hit (`--keep` adds the new record to results/records). Exit 0: identical; 1: different (what differs is
 printed, with both machines' CPU kernels); 2: nothing to compare against.
 A recipe fine-tuned from another needs that one's checkpoint: run the base first.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,10 @@ def committed(recipe_id: str, seed: int):
 
 
 def main() -> int:
-    recipe_id = sys.argv[1] if len(sys.argv) > 1 else "smoke/vit"
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+    keep = "--keep" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--keep"]
+    recipe_id = args[0] if args else "smoke/vit"
+    seed = int(args[1]) if len(args) > 1 else 0
     ref = committed(recipe_id, seed)
     if ref is None:
         print(f"no committed done train record of {recipe_id} seed {seed} for the current recipe version")
@@ -46,9 +49,12 @@ def main() -> int:
         cmd = [sys.executable, "-m", "tpcrepro", "--results", f"{tmp}/results", "--runs", f"{tmp}/runs",
                "job", recipe_id, "--kind", "train", "--seed", str(seed)]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
-        new = json.loads(next(Path(tmp, "results", "records").glob("*.json")).read_text())
+        path = next(Path(tmp, "results", "records").glob("*.json"))
+        new = json.loads(path.read_text())
+        if keep:
+            shutil.copy(path, ROOT / "results" / "records" / path.name)
     got, want = new["metrics"], ref.metrics
-    same_bits = got.get("correct_top1") == want.get("correct_top1")
+    same_bits = "correct_top1" not in want or got.get("correct_top1") == want["correct_top1"]  # older records: top-1 only
     print(f"{recipe_id} seed {seed}: committed top-1 {want['top1']!r} ({ref.environment.get('git_commit')}, "
           f"{ref.environment.get('cpu_capability')}, {ref.environment.get('device_name')}); "
           f"here {got['top1']!r} ({new['environment'].get('cpu_capability')}, {new['environment'].get('device_name')})")

@@ -127,3 +127,23 @@ def test_records_without_per_image_hits_give_no_verdict():
         duration_s=1.0))
     got, why = claims.runs("smoke/tpc_notdr", records.latest(records.load_records()))
     assert got is None and "per-image" in why
+
+
+def test_evaluate_keeps_each_images_hit_in_data_set_order():
+    import torch
+
+    from tpcrepro import data, distributed
+    from tpcrepro.train import evaluate
+
+    class Oracle(torch.nn.Module):  # predicts the class written in the input
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0].long(), 10).float()
+
+    rng = np.random.default_rng(0)
+    y = torch.tensor(rng.integers(0, 10, 37))
+    pred = torch.where(torch.tensor(rng.random(37) < 0.7), y, (y + 1) % 10)
+    ds = torch.utils.data.TensorDataset(pred[:, None].float(), y)
+    out = evaluate(Oracle(), data.eval_loader(ds, 8, 0), distributed.init("cpu"), per_image=True)
+    flags = unpack_correct(out["correct_top1"], out["n_val"])
+    assert np.array_equal(flags, (pred == y).numpy()) and out["top1"] == pytest.approx(100 * flags.mean())
+    assert "correct_top1" not in evaluate(Oracle(), data.eval_loader(ds, 8, 0), distributed.init("cpu"))
