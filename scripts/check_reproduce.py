@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,11 @@ def main() -> int:
     if ref is None:
         print(f"no committed done train record of {recipe_id} seed {seed} for the current recipe version")
         return 2
-    threads = str(ref.environment.get("torch_threads", 1))
+    threads = ref.environment.get("torch_threads")
+    if threads is None:  # records before the CPU fields: "MODEL (N cores, T threads)"
+        m = re.search(r"(\d+) threads\)", ref.environment.get("device_name", ""))
+        threads = int(m.group(1)) if m else 1
+    threads = str(threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(ROOT),
            "TPCREPRO_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
