@@ -5,7 +5,7 @@
 Reads the newest done train record of RECIPE/SEED for the current recipe
 version from results/records, reruns it into a temporary results folder with
 the same threads (OMP_NUM_THREADS from the record), and compares top-1 and
-every validation image's hit (`--keep` adds the new record to results/records). Exit 0: identical; 1: different (what differs is
+every validation image's hit (`--keep` adds the new record to results/records and keeps the run's checkpoint under runs/). Exit 0: identical; 1: different (what differs is
 printed, with both machines' CPU kernels); 2: nothing to compare against.
 A recipe fine-tuned from another needs that one's checkpoint: run the base first.
 """
@@ -51,8 +51,9 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(ROOT),
            "TPCREPRO_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "tpcrepro", "--results", f"{tmp}/results", "--runs", f"{tmp}/runs",
-               "job", recipe_id, "--kind", "train", "--seed", str(seed)]
+        runs = str(ROOT / "runs") if keep else f"{tmp}/runs"  # --keep: the checkpoint stays for fine-tunes
+        cmd = [sys.executable, "-m", "tpcrepro", "--results", f"{tmp}/results", "--runs", runs,
+               "job", recipe_id, "--kind", "train", "--seed", str(seed), "--force"]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
         path = next(Path(tmp, "results", "records").glob("*.json"))
         new = json.loads(path.read_text())
