@@ -333,7 +333,7 @@ def _figure_images(recipe_id: str, n: int, data: Optional[str]):
 def figure(
     name: str = typer.Argument(..., help="fig1 (CLS attention per layer) | fig4 (top-1 per epoch with and without "
                                "the stabilizer) | fig5 (token states per layer over the image) | tradeoff (top-1 "
-                               "against MACs, each method's knob swept) | samples (a grid of the smoke data's validation scenes)."),
+                               "against MACs, each method's knob swept) | samples (a grid of validation scenes, tpcrepro/scenes.py)."),
     recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="fig1/fig5: the trained run(s) to draw "
                                                "(default smoke/tpc; fig1 also smoke/vit beside it)."),
     seed: int = typer.Option(0, "--seed", help="fig1/fig5: which seed's checkpoint."),
@@ -353,7 +353,7 @@ def figure(
     elif name == "tradeoff":
         written = figures.tradeoff(profile=profile, out=path)
     elif name == "samples":
-        written = figures.samples(out=path, recipe_id=(recipe or ["smoke/vit"])[0])
+        written = figures.samples(out=path, recipe_id=(recipe or ["scenes/vit"])[0])
     else:
         ids = list(recipe or (["smoke/tpc"] if name == "fig5" else ["smoke/vit", "smoke/tpc"]))
         x, display = _figure_images(ids[-1], images, data)

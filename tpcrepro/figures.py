@@ -59,7 +59,7 @@ def table_groups(table_id: str = "tradeoff", profile: str = "smoke") -> dict[str
 
 BASELINE = {"smoke": "smoke/vit", "paper": "deit/deit_s"}
 AXIS_SPAN = 12.0  # top-1 points shown below the best point of a trade-off figure
-DATA_NAME = {"smoke": "digits in 32×32 scenes, smoke ViT; not ImageNet", "paper": "ImageNet-1K"}
+DATA_NAME = {"smoke": "digits 16×16, smoke ViT; not ImageNet", "paper": "ImageNet-1K"}
 
 Curve = dict[int, float]  # epoch (0-based) -> top-1
 
@@ -457,7 +457,7 @@ def fig1(model: torch.nn.Module | Mapping[str, torch.nn.Module], images: torch.T
 
 # ---------------------------------------------------------------- the smoke data
 
-def samples(out: Path | None = None, recipe_id: str = "smoke/vit", n: int = 32, cols: int = 8) -> Path:
+def samples(out: Path | None = None, recipe_id: str = "scenes/vit", n: int = 32, cols: int = 8) -> Path:
     """A grid of validation scenes of the recipe's data (tpcrepro/scenes.py), the digit's patch tokens outlined."""
     from matplotlib.patches import Rectangle
 
@@ -466,7 +466,7 @@ def samples(out: Path | None = None, recipe_id: str = "smoke/vit", n: int = 32, 
 
     r = load_recipe(recipe_id)
     if r.data.dataset != "scenes":
-        raise UserError(f"{recipe_id} trains on '{r.data.dataset}', not on scenes; pick a smoke recipe")
+        raise UserError(f"{recipe_id} trains on '{r.data.dataset}', not on scenes; pick a scenes recipe (scenes/vit)")
     patch = int(r.model.kwargs.get("patch_size", 4))
     ds = ScenesDataset("val", r.data.scenes)
     drawn = [ds.scene(i) for i in range(min(n, len(ds)))]

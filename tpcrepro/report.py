@@ -2,7 +2,7 @@
 
 Two sections per table, never mixed: the paper's ImageNet-1K numbers beside
 ours from the `paper` profile (with the difference), and our `smoke`-profile
-numbers (digits in scenes, small ViT) in columns of their own, with the spread over
+numbers (digits, small ViT) in columns of their own, with the spread over
 seeds. Every number of ours names the recipe, its hash, seeds and commit.
 """
 
@@ -34,7 +34,7 @@ SMOKE_SCALE = {"gmacs": ("MACs (M)", 1e-6), "params_m": ("Params (M)", 1e-6)}
 SMOKE_BASELINE = "smoke/vit"  # the smoke backbone: MACs ratios are against it
 SMOKE_BACKBONES = {"swin_t": "a Swin of widths 32-256 (depths 1-1-4-1, window 4)",
                    "lvvit_s": "an LV-ViT of width 64 and depth 8 (convolutional stem, aux head)"}
-SMOKE_NOTE = ("digits in 32×32 scenes (tpcrepro/scenes.py), {backbone} trained on the CPU; "
+SMOKE_NOTE = ("scikit-learn digits upsampled to 16×16, {backbone} trained on the CPU; "
               "these numbers check the pipeline and compare methods at small scale. They are not ImageNet results.")
 
 
