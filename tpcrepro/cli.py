@@ -325,7 +325,7 @@ def _speed_protocol(table_id: str, profile: str, device: Optional[str], force: b
     typer.echo(f"speed grid: {speedtable.measure(table_id, profile, device)}")
 
 
-FIGURES = ("fig1", "fig4", "fig5", "tradeoff")
+FIGURES = ("fig1", "fig4", "fig5", "tradeoff", "samples")
 
 
 def _figure_images(recipe_id: str, n: int, data: Optional[str]):
@@ -341,14 +341,15 @@ def _figure_images(recipe_id: str, n: int, data: Optional[str]):
     val = data_mod.build_datasets(r.data, r.model, data).val
     import torch
 
-    return torch.stack([val[i][0] for i in range(min(n, len(val)))]), None
+    x = torch.stack([val[i][0] for i in range(min(n, len(val)))])
+    return x, ((x + 1) / 2 if r.data.dataset == "scenes" else None)  # scenes are in [-1, 1]: show their colours
 
 
 @app.command()
 def figure(
     name: str = typer.Argument(..., help="fig1 (CLS attention per layer) | fig4 (top-1 per epoch with and without "
                                "the stabilizer) | fig5 (token states per layer over the image) | tradeoff (top-1 "
-                               "against MACs, each method's knob swept)."),
+                               "against MACs, each method's knob swept) | samples (a grid of validation scenes, tpcrepro/scenes.py)."),
     recipe: Optional[List[str]] = typer.Option(None, "--recipe", "-r", help="fig1/fig5: the trained run(s) to draw "
                                                "(default smoke/tpc; fig1 also smoke/vit beside it)."),
     seed: int = typer.Option(0, "--seed", help="fig1/fig5: which seed's checkpoint."),
@@ -367,6 +368,8 @@ def figure(
         written = figures.fig4(profile=profile, out=path)
     elif name == "tradeoff":
         written = figures.tradeoff(profile=profile, out=path)
+    elif name == "samples":
+        written = figures.samples(out=path, recipe_id=(recipe or ["scenes/vit"])[0])
     else:
         ids = list(recipe or (["smoke/tpc"] if name == "fig5" else ["smoke/vit", "smoke/tpc"]))
         x, display = _figure_images(ids[-1], images, data)

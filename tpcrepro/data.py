@@ -1,8 +1,13 @@
-"""Data: ImageNet / any ImageFolder with DeiT's timm transforms, and the embedded digits set.
+"""Data: ImageNet / any ImageFolder with DeiT's timm transforms, and two embedded sets.
 
-The smoke profile uses scikit-learn's handwritten digits (1797 real 8x8 scans
-that ship inside scikit-learn), upsampled to 16x16, with a fixed stratified
-1437/360 train/val split: no download, CPU minutes.
+- `scenes` (the smoke profile): scikit-learn's digits composited into 32x32
+  RGB scenes over crops of scikit-learn's sample photographs, among fragments
+  of other digits; a fresh scene per image per epoch, a fixed validation set
+  of held-out digits (tpcrepro/scenes.py).
+- `digits`: scikit-learn's handwritten digits (1797 real 8x8 scans),
+  upsampled to 16x16, with a fixed stratified 1437/360 train/val split.
+
+Neither needs a download.
 """
 
 from __future__ import annotations
@@ -172,12 +177,24 @@ def token_label_train(path: Path, data_cfg: DataCfg, model_cfg: ModelCfg, grid: 
 
 
 def build_datasets(data_cfg: DataCfg, model_cfg: ModelCfg, root: Optional[str] = None,
-                   mean=None, std=None, token_grid: Optional[tuple[int, int]] = None) -> Datasets:
-    """Train and val sets; with data.token_labels, train samples carry dense targets on token_grid."""
-    if data_cfg.dataset == "digits":
+                   mean=None, std=None, token_grid: Optional[tuple[int, int]] = None, seed: int = 0) -> Datasets:
+    """Train and val sets; with data.token_labels, train samples carry dense targets on token_grid.
+
+    `seed` picks the training scenes of the `scenes` set (the validation scenes are the same for every seed).
+    """
+    if data_cfg.dataset in ("digits", "scenes"):
         if data_cfg.token_labels:
-            raise UserError("the digits have no teacher score maps: remove data.token_labels")
-        train, val = DigitsDataset("train", data_cfg.aug.translate), DigitsDataset("val")
+            raise UserError(f"the {data_cfg.dataset} set has no teacher score maps: remove data.token_labels")
+        if data_cfg.dataset == "digits":
+            train, val = DigitsDataset("train", data_cfg.aug.translate), DigitsDataset("val")
+        else:
+            from tpcrepro.scenes import ScenesDataset
+
+            sc = data_cfg.scenes
+            if (model_cfg.img_size, model_cfg.in_chans) != (sc.canvas, 3):
+                raise UserError(f"the scenes are {sc.canvas}x{sc.canvas} RGB: set model.img_size={sc.canvas} "
+                                f"and model.in_chans=3 (got {model_cfg.img_size}, {model_cfg.in_chans})")
+            train, val = ScenesDataset("train", sc, seed), ScenesDataset("val", sc)
         n_cls = 10
     else:
         path = resolve_root(data_cfg, root)
@@ -196,6 +213,13 @@ def build_datasets(data_cfg: DataCfg, model_cfg: ModelCfg, root: Optional[str] =
             f"set --set model.num_classes={n_cls}"
         )
     return Datasets(_subset(train, data_cfg.subset_train), _subset(val, data_cfg.subset_val), n_cls)
+
+
+def set_epoch(ds: Dataset, epoch: int) -> None:
+    """Tell a data set that draws per epoch (scenes) which epoch this is, through a Subset if any."""
+    inner = ds.dataset if isinstance(ds, Subset) else ds
+    if hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
 
 
 class ShardSampler(torch.utils.data.Sampler):

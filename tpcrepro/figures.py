@@ -88,7 +88,12 @@ def _train_records(recipe_id: str, profile: str, latest: dict) -> list[records.R
     mine = [r for k, r in latest.items() if k[0] == recipe_id and k[1] == profile and k[2] == "train"]
     if not mine:
         return []
-    current = load_recipe(recipe_id).hash
+    recipe = load_recipe(recipe_id)
+    current = recipe.hash
+    if current not in {r.recipe_hash for r in mine}:  # older versions: only those on the same data set
+        mine = [r for r in mine if r.settings.get("data") == recipe.data.dataset]
+        if not mine:
+            return []
     hashes = {r.recipe_hash for r in mine}
     chosen = current if current in hashes else max(mine, key=lambda r: r.started_at).recipe_hash
     return sorted((r for r in mine if r.recipe_hash == chosen), key=lambda r: r.seed)
@@ -454,3 +459,38 @@ def fig1(model: torch.nn.Module | Mapping[str, torch.nn.Module], images: torch.T
     fig.suptitle("CLS attention over patches per layer (mean over heads)", fontsize=10)
     fig.subplots_adjust(wspace=0.05, hspace=0.1)
     return save(fig, out or default_out("fig1"))
+
+
+# ---------------------------------------------------------------- the smoke data
+
+def samples(out: Path | None = None, recipe_id: str = "scenes/vit", n: int = 32, cols: int = 8) -> Path:
+    """A grid of validation scenes of the recipe's data (tpcrepro/scenes.py), the digit's patch tokens outlined."""
+    from matplotlib.patches import Rectangle
+
+    from tpcrepro.recipe import load_recipe
+    from tpcrepro.scenes import ScenesDataset, token_coverage
+
+    r = load_recipe(recipe_id)
+    if r.data.dataset != "scenes":
+        raise UserError(f"{recipe_id} trains on '{r.data.dataset}', not on scenes; pick a scenes recipe (scenes/vit)")
+    patch = int(r.model.kwargs.get("patch_size", 4))
+    ds = ScenesDataset("val", r.data.scenes)
+    drawn = [ds.scene(i) for i in range(min(n, len(ds)))]
+    rows = -(-len(drawn) // cols)
+    fig = Figure(figsize=(1.6 * cols, 1.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (img, label, mask) in zip(axes.flat, drawn):
+        _show(ax, img.transpose(1, 2, 0))
+        g = mask.shape[0] // patch
+        touched = mask[: g * patch, : g * patch].reshape(g, patch, g, patch).max(axis=(1, 3)) > 0.25
+        for py, px in zip(*np.nonzero(touched)):
+            ax.add_patch(Rectangle((px * patch, py * patch), patch, patch, fill=False, lw=0.6, ec="white"))
+        cov = token_coverage(mask[None], patch)[0]
+        ax.set_title(f"{label}  ({100 * cov:.0f} % of tokens)", fontsize=7)
+    for ax in list(axes.flat)[len(drawn):]:
+        ax.axis("off")
+    masks = np.stack([ds.scene(i)[2] for i in range(min(len(ds), 1000))])
+    fig.suptitle(f"Validation scenes of {recipe_id} ({r.data.scenes.canvas}×{r.data.scenes.canvas}, patch {patch}): "
+                 f"the digit touches {100 * token_coverage(masks, patch).mean():.1f} % of the patch tokens "
+                 f"(mean of {len(masks)}; outlined)", fontsize=9)
+    return save(fig, out or default_out("samples"))

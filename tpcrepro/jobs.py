@@ -145,6 +145,7 @@ def _run_held(recipe: Recipe, kind: str, seed: int, d: distributed.Dist, data_ro
             metrics, settings = _throughput(recipe, d.device)
         else:
             raise UserError(f"unknown job kind '{kind}' (train, flops, throughput)")
+        settings.setdefault("data", recipe.data.dataset)  # the report never mixes data sets in one column
     except UserError as e:
         status, error = "failed", str(e)
     except (KeyboardInterrupt, Interrupted) as e:  # Ctrl-C or SIGTERM: record where it stopped, then stop with one line

@@ -25,9 +25,11 @@ from tpcrepro.models.controller import TPCCfg
 from tpcrepro.models.dynamicvit import DynamicViTCfg
 from tpcrepro.models.evit import EViTCfg
 from tpcrepro.models.tome import ToMeCfg
+from tpcrepro.scenes import ScenesCfg
 
 PROFILES = ("smoke", "paper")
 JOB_KINDS = ("train", "flops", "throughput")
+DATASETS = ("imagenet", "folder", "digits", "scenes")
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class AugCfg:
 
 @dataclass(frozen=True)
 class DataCfg:
-    dataset: str = "imagenet"  # imagenet | folder | digits
+    dataset: str = "imagenet"  # imagenet | folder | digits | scenes
     root: Optional[str] = None  # ImageFolder root with train/ and val/; else $TPCREPRO_DATA
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
@@ -72,6 +74,7 @@ class DataCfg:
     mixtoken: bool = True  # with token_labels: MixToken (replaces mixup and cutmix)
     subset_val: Optional[int] = None
     aug: AugCfg = field(default_factory=AugCfg)
+    scenes: ScenesCfg = field(default_factory=ScenesCfg)  # dataset: scenes (tpcrepro/scenes.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class TrainCfg:
 @dataclass(frozen=True)
 class EvalCfg:
     batch_size: int = 256
+    every: int = 1  # evaluate after every N-th epoch during training (and always after the last)
 
 
 @dataclass(frozen=True)
@@ -362,8 +366,10 @@ def _validate(obj: Any, source: str) -> None:
         bad = [j for j in obj.jobs if j not in JOB_KINDS]
         if bad:
             raise UserError(f"{source}: 'jobs' has unknown kind {bad[0]!r} (valid: {', '.join(JOB_KINDS)})")
-    if isinstance(obj, DataCfg) and obj.dataset not in ("imagenet", "folder", "digits"):
-        raise UserError(f"{source}: 'data.dataset' must be imagenet, folder or digits, got {obj.dataset!r}")
+    if isinstance(obj, DataCfg) and obj.dataset not in DATASETS:
+        raise UserError(f"{source}: 'data.dataset' must be one of {', '.join(DATASETS)}, got {obj.dataset!r}")
+    if isinstance(obj, EvalCfg) and obj.every < 1:
+        raise UserError(f"{source}: 'eval.every' must be at least 1, got {obj.every}")
     if isinstance(obj, TrainCfg) and obj.optimizer not in ("adam", "adamw"):
         raise UserError(f"{source}: 'train.optimizer' must be adam or adamw, got {obj.optimizer!r}")
     if isinstance(obj, TrainCfg) and obj.amp_dtype not in ("bf16", "fp16"):

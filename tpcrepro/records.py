@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
-from tpcrepro import __version__, paths
+from tpcrepro import __version__, cpu, paths
 
 SCHEMA_VERSION = 1
 STATUSES = ("done", "failed")
@@ -96,6 +96,7 @@ def environment(device: str = "cpu") -> dict:
         "device": device,
         "device_name": device_name(device),
         "hostname": platform.node(),
+        **cpu.describe(),  # CPU kernels, pins, ISA flags, threads: what bit-exact reruns need to match
     }
 
 

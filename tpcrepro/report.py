@@ -64,7 +64,7 @@ def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
         mine = current
     else:  # only records of other recipe versions: show the newest per (kind, seed), marked stale
         newest: dict = {}
-        for r in mine:
+        for r in (r for r in mine if same_data(r, recipe)):  # never another data set's numbers in this column
             k = (r.kind, r.seed)
             if k not in newest or r.started_at > newest[k].started_at:
                 newest[k] = r
@@ -84,6 +84,11 @@ def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
     seed_txt = f" seeds {','.join(map(str, seeds))}" if seeds else ""
     return Ours(values=values, source=f"`{recipe_id}`{seed_txt} {_fmt_hash_commit(mine)}",
                 stale=any(r.recipe_hash != recipe.hash for r in mine))
+
+
+def same_data(rec: records.Record, recipe) -> bool:
+    """Whether a record was measured on the recipe's data set now (a record that does not say: not shown as stale)."""
+    return rec.settings.get("data") == recipe.data.dataset
 
 
 def fmt(vals: Optional[list], digits: int = 1) -> str:
@@ -202,6 +207,10 @@ def write_all(out_dir: Optional[Path] = None, table_ids: Optional[list[str]] = N
         path = out_dir / f"{tid}.md"
         records.atomic_write_text(path, render(tables.load_table(tid), latest))
         written.append(path)
+    if not table_ids:
+        from tpcrepro import claims
+
+        written.append(claims.write(out_dir, latest))
     return written
 
 
@@ -222,6 +231,12 @@ def update_readme(path: Path) -> int:
 
             count += 1
             return f"{m.group(1)}{markdown(records.load_records())}\n{m.group(4)}"
+        if m.group(2) in ("claims", "calibration"):
+            from tpcrepro import claims
+
+            count += 1
+            df = claims.summary_frame(latest) if m.group(2) == "claims" else claims.calibration_frame(latest)
+            return f"{m.group(1)}{df.to_markdown(index=False, disable_numparse=True)}\n{m.group(4)}"
         spec = tables.load_table(m.group(2))
         frame = smoke_frame(spec, latest)
         body = frame.to_markdown(index=False, disable_numparse=True) if frame is not None else "(no smoke rows)"

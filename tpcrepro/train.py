@@ -37,6 +37,7 @@ from tpcrepro.progress import EpochProgress, log
 from tpcrepro.recipe import Recipe, TrainCfg
 from tpcrepro.stats import StatSum
 
+EVAL_KEYS = ("top1", "top5", "n_val", "val_skipped", "correct_top1")  # what evaluate() gives besides token stats
 GATE_WARN = 1e-6  # below this largest break probability the controller cannot learn
 StepHook = Callable[[int, int], None]  # (epoch, step) -> None; may raise to stop
 TEST_AT_ENV = "TPCREPRO_TEST_AT"  # tests only: "POINT:EPOCH:ACTION", e.g. before_ckpt:0:exit (see _test_point)
@@ -75,12 +76,17 @@ def autocast(cfg: TrainCfg, device: str):
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainCfg] = None) -> dict:
-    """Top-1 / top-5 (percent) over the whole split, exact under DDP (no padded samples)."""
+def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainCfg] = None,
+             per_image: bool = False) -> dict:
+    """Top-1 / top-5 (percent) over the whole split, exact under DDP (no padded samples).
+
+    `per_image` adds `correct_top1`: each validation image's top-1 hit in data-set order (see `pack_correct`).
+    """
     model.eval()
     correct1 = correct5 = total = skipped = 0
     first_bad = None
     token_stats = StatSum()
+    hits1: list[torch.Tensor] = []
     ctx = autocast(cfg, d.device) if cfg else nullcontext()
     for x, y, bad in loader:
         skipped += len(bad)
@@ -97,6 +103,7 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
         correct1 += hit[:, 0].sum().item()
         correct5 += hit.any(dim=1).sum().item()
         total += len(y)
+        hits1.append(hit[:, 0].cpu())
     correct1, correct5, total, skipped = distributed.all_sum([correct1, correct5, total, skipped], d)
     if total == 0:
         raise UserError("the validation split yielded no readable image; check the data directory")
@@ -104,7 +111,33 @@ def evaluate(model: nn.Module, loader, d: distributed.Dist, cfg: Optional[TrainC
            "n_val": int(total), "val_skipped": int(skipped), **token_stats.means(d)}
     if first_bad:
         out["val_skipped_first"] = first_bad
+    if per_image and skipped == 0:  # with skipped images the order is lost: no per-image record
+        out["correct_top1"] = gather_correct(hits1, loader.sampler, int(total), d)
     return out
+
+
+def gather_correct(hits: list[torch.Tensor], sampler, n: int, d: distributed.Dist) -> str:
+    """This rank's top-1 hits (in its sampler's order) -> every image's hit in data-set order, packed."""
+    mine = torch.cat(hits).double() if hits else torch.zeros(0, dtype=torch.float64)
+    idx = list(getattr(sampler, "idx", range(n)))  # ShardSampler: rank, rank + world, ...
+    full = torch.zeros(n, dtype=torch.float64)
+    full[idx[: len(mine)]] = mine
+    full = torch.tensor(distributed.all_sum(full.tolist(), d)) if d.world > 1 else full
+    return pack_correct(full.numpy() > 0.5)
+
+
+def pack_correct(flags: np.ndarray) -> str:
+    """bool [n] -> base64 of the packed bits (n is kept beside it as n_val)."""
+    import base64
+
+    return base64.b64encode(np.packbits(np.asarray(flags, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_correct(text: str, n: int) -> np.ndarray:
+    """Inverse of pack_correct: base64 text and the image count -> bool [n]."""
+    import base64
+
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
 
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
@@ -136,7 +169,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def epoch_line(epoch: int, epochs: int, row: dict) -> str:
     """One console line per epoch; for controllers also their losses and the tokens computed/paused per layer."""
-    text = f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  top1 {row['top1']:.2f}  {row['train_images_per_sec']:.0f} img/s"
+    top1 = f"{row['top1']:.2f}" if "top1" in row else "-"  # epochs between evaluations (eval.every)
+    text = f"epoch {epoch + 1}/{epochs}  loss {row['loss']:.4f}  top1 {top1}  {row['train_images_per_sec']:.0f} img/s"
     if "ponder_loss" in row:
         text += f"  task {row['task_loss']:.4f} ponder {row['ponder_loss']:.4f} dist {row['distribution_loss']:.4f}"
     if "tokens_n_q" in row:
@@ -163,7 +197,7 @@ class Fit:
         if self.token_labels and not isinstance(model, api.TokenLabeled):
             raise UserError(f"data.token_labels trains an aux head per token; {recipe.model.name} has none (use LV-ViT)")
         grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") else None
-        ds = data_mod.build_datasets(recipe.data, recipe.model, data_root, token_grid=grid)
+        ds = data_mod.build_datasets(recipe.data, recipe.model, data_root, token_grid=grid, seed=seed)
         self.num_classes = ds.num_classes
         workers = recipe.data.workers
         self.train_loader = data_mod.train_loader(ds.train, cfg.batch_size // d.world, workers,
@@ -264,6 +298,7 @@ class Fit:
             for g in self.optimizer.param_groups:
                 g["lr_scale"] = self.model.lr_scale(g["name"], epoch)
         _seed_epoch(self.seed, epoch, d.rank)
+        data_mod.set_epoch(self.train_loader.dataset, epoch)  # scenes: this epoch's fresh draws
         if hasattr(self.train_loader.sampler, "set_epoch"):  # the offset gives each seed its own order
             self.train_loader.sampler.set_epoch(epoch + 100003 * self.seed)
         sums: dict[str, float] = {}
@@ -386,9 +421,14 @@ class Fit:
         if resumed and d.main:
             log(f"resuming {self.run_dir} after epoch {self.start_epoch}/{self.cfg.epochs}")
         gates = self.gate_report() if self.start_epoch == 0 else {}
-        t0 = time.perf_counter()
+        t0, final = time.perf_counter(), None
         for epoch in range(self.start_epoch, self.cfg.epochs):
-            row = {"epoch": epoch, **self.train_epoch(epoch, hook), **evaluate(self.model, self.val_loader, d, self.cfg)}
+            row = {"epoch": epoch, **self.train_epoch(epoch, hook)}
+            last = epoch + 1 == self.cfg.epochs
+            if (epoch + 1) % self.recipe.eval.every == 0 or last:  # the validation set may cost more than an epoch
+                row.update(evaluate(self.model, self.val_loader, d, self.cfg, per_image=last))
+                final = {k: v for k, v in row.items() if k in EVAL_KEYS or k.startswith("tokens_") or k == "macs"} \
+                    if last else None
             self.history.append(row)
             if d.main:  # checkpoint first: it holds the row, and metrics.jsonl is rebuilt from it on a restart
                 _test_point("before_ckpt", epoch)
@@ -401,7 +441,8 @@ class Fit:
                 self._warn_skipped("val", row)
             progress["epoch"] = epoch + 1
             distributed.barrier(d)
-        final = evaluate(self.model, self.val_loader, d, self.cfg)
+        if final is None:  # nothing trained here (resumed after the last epoch, or epochs: 0)
+            final = evaluate(self.model, self.val_loader, d, self.cfg, per_image=True)
         if self.ema:
             final.update({f"{k}_ema": v for k, v in evaluate(self.ema.module, self.val_loader, d, self.cfg).items()
                           if k in ("top1", "top5")})

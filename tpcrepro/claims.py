@@ -1,0 +1,278 @@
+"""The paper's claims, tested at smoke scale: tables/claims/claims.yaml -> results/tables/claims.md.
+
+Each claim is one or more comparisons of smoke-profile rows. A comparison's
+top-1 difference and its 95 % interval come from the paired bootstrap over
+validation images (tpcrepro/bootstrap.py), using only records of the current
+recipe versions that kept per-image hits; its verdict is computed from the
+interval by `verdict`. A comparison whose records are missing says which, and
+gets no verdict.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from tpcrepro import bootstrap, paths, records
+from tpcrepro.errors import UserError
+from tpcrepro.recipe import load_recipe
+
+PROFILE = "smoke"
+TESTS = ("greater", "noninferior", "equivalent")
+SUPPORTED, CONTRADICTED, UNRESOLVED = "supported", "contradicted", "unresolved at this scale"
+
+
+def verdict(test: str, lo: float, hi: float, margin: float) -> str:
+    """The verdict a 95 % interval [lo, hi] of a − b (points) gives on the claim `test`."""
+    if test == "greater":
+        return SUPPORTED if lo > 0 else CONTRADICTED if hi < 0 else UNRESOLVED
+    if test == "noninferior":
+        return SUPPORTED if lo > -margin else CONTRADICTED if hi < -margin else UNRESOLVED
+    if test == "equivalent":
+        return SUPPORTED if -margin < lo and hi < margin else CONTRADICTED if lo > margin or hi < -margin else UNRESOLVED
+    raise ValueError(f"unknown test {test!r}; use one of {', '.join(TESTS)}")
+
+
+@dataclass(frozen=True)
+class Runs:
+    """One recipe's current train records with per-image hits: hits [seeds, n], mean MACs, where from."""
+
+    recipe: str
+    hits: np.ndarray
+    macs: Optional[float]
+    source: str
+
+
+def runs(recipe_id: str, latest: dict) -> tuple[Optional[Runs], str]:
+    """(Runs, "") or (None, why not)."""
+    from tpcrepro.train import unpack_correct
+
+    current = load_recipe(recipe_id).hash
+    mine = [r for k, r in sorted(latest.items(), key=lambda kv: str(kv[0]))
+            if k[0] == recipe_id and k[1] == PROFILE and r.recipe_hash == current]
+    train = [r for r in mine if r.kind == "train"]
+    if not train:
+        return None, f"`{recipe_id}` not run"
+    with_hits = [r for r in train if "correct_top1" in r.metrics]
+    if not with_hits:
+        return None, f"`{recipe_id}` has no per-image hits (rerun it)"
+    n = {r.metrics["n_val"] for r in with_hits}
+    if len(n) > 1:
+        return None, f"`{recipe_id}`'s records cover different validation sets ({sorted(n)})"
+    hits = np.stack([unpack_correct(r.metrics["correct_top1"], r.metrics["n_val"]) for r in with_hits])
+    macs = [r.metrics["macs"] for r in with_hits if "macs" in r.metrics]
+    if not macs:  # a static model: its flops record
+        macs = [r.metrics["macs"] for r in mine if r.kind == "flops" and "macs" in r.metrics]
+    seeds = ",".join(str(r.seed) for r in with_hits)
+    commits = ",".join(sorted({r.environment.get("git_commit") or "?" for r in with_hits}))
+    return Runs(recipe_id, hits, statistics.fmean(macs) if macs else None,
+                f"`{recipe_id}` s{seeds} @{current} ({commits})"), ""
+
+
+def _mmacs(x: Optional[float]) -> str:
+    return "—" if x is None else f"{x / 1e6:.2f}"
+
+
+def compare(cmp: dict, latest: dict, margin: float) -> dict:
+    """One comparison -> a table row's cells (verdict only when every record it needs is there)."""
+    test = cmp["test"]
+    if test not in TESTS:
+        raise UserError(f"claims: unknown test {test!r}; use one of {', '.join(TESTS)}")
+    peers = cmp.get("curve") or cmp.get("best_of") or [cmp["b"]]
+    a, why_a = runs(cmp["a"], latest)
+    got = [runs(p, latest) for p in peers]
+    have = [r for r, _ in got if r is not None]
+    missing = [w for r, w in [(a, why_a), *got] if r is None]
+    kind = "curve " if cmp.get("curve") else "best of " if cmp.get("best_of") else ""
+    row = {"a": cmp["a"], "test": test, "missing": missing, "b": kind + ", ".join(f"`{p}`" for p in peers)}
+    if a is None or not have or (not cmp.get("curve") and not cmp.get("best_of") and missing):
+        row["how"] = "—"
+        return row
+    if any(r.hits.shape[1] != a.hits.shape[1] for r in have):
+        row["missing"] = missing + ["records on different validation sets"]
+        row["how"] = "—"
+        return row
+    if cmp.get("curve"):
+        if a.macs is None or any(r.macs is None for r in have):
+            row["missing"] = missing + ["MACs"]
+            row["how"] = "—"
+            return row
+        w, how = bootstrap.interpolation_weights(a.macs, [r.macs for r in have])
+        used = [(wi, r) for wi, r in zip(w, have) if wi > 0]
+        peer_macs = sum(wi * r.macs for wi, r in used)
+        row["b"] = " + ".join(f"{wi:.2f}·`{r.recipe}`" if wi < 1 else f"`{r.recipe}`" for wi, r in used)
+        row["how"] = f"{how}, {len(have)} of {len(peers)} points"
+    elif cmp.get("best_of"):
+        best = max(have, key=lambda r: r.hits.mean())
+        used, peer_macs = [(1.0, best)], best.macs
+        row["b"] = f"best of {len(have)}: `{best.recipe}`"
+        row["how"] = f"best by mean of {len(have)} of {len(peers)}"
+    else:
+        used, peer_macs = [(1.0, have[0])], have[0].macs
+        row["b"] = f"`{have[0].recipe}`"
+        row["how"] = "rows"
+    iv = bootstrap.contrast([(1.0, a.hits), *[(-wi, r.hits) for wi, r in used]])
+    row.update(macs=f"{_mmacs(a.macs)} / {_mmacs(peer_macs)}", diff=f"{iv.diff:+.2f}",
+               interval=f"[{iv.lo:+.2f}, {iv.hi:+.2f}]", verdict=verdict(test, iv.lo, iv.hi, margin),
+               sources="; ".join([a.source] + [r.source for _, r in used]))
+    return row
+
+
+def claims_path() -> Path:
+    return paths.tables_dir() / "claims" / "claims.yaml"
+
+
+def load_spec(path: Optional[Path] = None) -> dict:
+    path = path or claims_path()
+    spec = yaml.safe_load(Path(path).read_text())
+    for c in spec["claims"]:
+        for cmp in c["comparisons"]:
+            if not {"a", "test"} <= set(cmp) or len({"b", "curve", "best_of"} & set(cmp)) != 1:
+                raise UserError(f"{path}: claim '{c['id']}': each comparison needs a, test and one of b, curve, best_of")
+    return spec
+
+
+TEST_TEXT = {"greater": "a > b", "noninferior": "a ≥ b − {m}", "equivalent": "−{m} < a − b < {m}"}  # no "|": tables
+
+
+def frame(latest: dict, spec: Optional[dict] = None):
+    import pandas as pd
+
+    spec = spec or load_spec()
+    margin = float(spec.get("margin", 1.0))
+    out = []
+    for c in spec["claims"]:
+        for cmp in c["comparisons"]:
+            r = compare(cmp, latest, margin)
+            out.append({
+                "Claim of the paper": c["claim"],
+                "a vs b": f"`{r['a']}` vs {r.get('b', '—')}",
+                "Test": TEST_TEXT[r["test"]].format(m=f"{margin:g}"),
+                "MACs (M), a / b": r.get("macs", "—"),
+                "Δ top-1 (a − b)": r.get("diff", "—"),
+                "95 % interval": r.get("interval", "—"),
+                "Verdict": r.get("verdict", "no verdict: " + "; ".join(r["missing"])),
+                "Read as": r["how"],
+                "Records": r.get("sources", "—") + (f" (missing: {'; '.join(r['missing'])})"
+                                                    if r["missing"] and "verdict" in r else ""),
+            })
+    return pd.DataFrame(out)
+
+
+def summary_frame(latest: dict):
+    """The README's short form: claim, comparison, difference, interval, verdict."""
+    df = frame(latest)
+    return df[["Claim of the paper", "a vs b", "MACs (M), a / b", "Δ top-1 (a − b)", "95 % interval", "Verdict"]]
+
+
+def render(latest: dict) -> str:
+    df = frame(latest)
+    lines = [
+        "<!-- generated by `tpcrepro report` from results/records and tables/claims/claims.yaml; do not edit -->",
+        "# The paper's claims at smoke scale",
+        "",
+        "Each row compares two smoke-profile rows (`a` and `b`, the current recipe versions only). Δ is a's top-1 "
+        "minus b's in points on the validation images, seeds pooled; the 95 % interval is a paired bootstrap over "
+        f"the validation images ({bootstrap.N_BOOT} resamples, tpcrepro/bootstrap.py). The verdict is computed "
+        "from the interval: `a > b` is supported when the whole interval is above 0 and contradicted when it is "
+        f"below; `a ≥ b − m` and `−m < a − b < m` use the margin m = {load_spec().get('margin', 1.0):g} point. "
+        "Against a curve, b is the peer's top-1 read linearly at a's MACs between its two neighbouring points "
+        "(outside its range: its nearest point). The interval covers the validation images' sampling noise; "
+        "training noise between seeds shows as the ± of the tables. Only train records that kept each validation "
+        "image's hit count. These are small-scale results on the smoke data, not ImageNet results.",
+        "",
+        df.to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write(out_dir: Optional[Path] = None, latest: Optional[dict] = None) -> Path:
+    out_dir = out_dir or paths.results_dir() / "tables"
+    latest = records.latest(records.load_records()) if latest is None else latest
+    path = out_dir / "claims.md"
+    records.atomic_write_text(path, render(latest))
+    return path
+
+
+# ---------------------------------------------------------------- calibration of the smoke benchmark
+
+CALIBRATION_ROWS = ("smoke/vit", "smoke/tpc", "smoke/dynamicvit", "smoke/swin", "smoke/lvvit")
+
+
+def _train_current(recipe_id: str, latest: dict) -> list:
+    h = load_recipe(recipe_id).hash
+    return [r for k, r in sorted(latest.items(), key=lambda kv: str(kv[0]))
+            if k[0] == recipe_id and k[1] == PROFILE and k[2] == "train" and r.recipe_hash == h]
+
+
+def _mean_sd(vals: list) -> str:
+    if not vals:
+        return "—"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f} (1 seed)"
+    return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals):.1f} ({len(vals)} seeds)"
+
+
+def coverage(recipe_id: str) -> tuple[str, str, float]:
+    """(recipe, its data, the mean fraction of patch tokens the digit touches) on its validation set."""
+    from tpcrepro.data import DigitsDataset
+    from tpcrepro.scenes import ScenesDataset, token_coverage
+
+    r = load_recipe(recipe_id)
+    patch = int(r.model.kwargs.get("patch_size", 2))
+    if r.data.dataset == "scenes":
+        val = ScenesDataset("val", r.data.scenes)
+        masks = np.stack([val.scene(i)[2] for i in range(len(val))])
+        return recipe_id, f"{len(val)} scenes, patch {patch}", float(token_coverage(masks, patch).mean())
+    ink = ((DigitsDataset("val").images[:, 0] + 1) / 2).numpy()  # the digit is the whole image: its ink
+    return recipe_id, f"{len(ink)} digits, patch {patch}", float(token_coverage(ink, patch).mean())
+
+
+def calibration_frame(latest: dict):
+    """The smoke benchmark's power, measured: each target, the value from the records or the generator, met or not."""
+    import pandas as pd
+
+    base = load_recipe("smoke/vit")
+    vit = _train_current("smoke/vit", latest)
+    top1 = [r.metrics["top1"] for r in vit]
+    flops = [r for k, r in latest.items() if k[0] == "smoke/vit" and k[1] == PROFILE and k[2] == "flops"
+             and r.recipe_hash == base.hash]
+    macs = flops[0].metrics["macs"] / 1e6 if flops else None
+
+    def met(ok: Optional[bool]) -> str:
+        return "—" if ok is None else "yes" if ok else "**no**"
+
+    rows = [
+        {"What": "dense smoke ViT top-1 (`smoke/vit`)", "Target": "80-93 %", "Measured": _mean_sd(top1),
+         "Met": met(80 <= statistics.fmean(top1) <= 93 if top1 else None)},
+        {"What": "its spread over seeds", "Target": "sd ≤ 1 point, 3 seeds",
+         "Measured": f"{statistics.stdev(top1):.2f} ({len(top1)} seeds)" if len(top1) > 1 else "—",
+         "Met": met(statistics.stdev(top1) <= 1 and len(top1) >= 3 if len(top1) > 1 else None)},
+        *[{"What": f"patch tokens the digit touches, `{rid}` ({what}, mean over the validation set)",
+           "Target": "≤ 30 %", "Measured": f"{100 * cov:.1f} %", "Met": met(cov <= 0.30)}
+          for rid, what, cov in (coverage("smoke/vit"), coverage("scenes/vit"))],
+        {"What": "smoke ViT MACs per image", "Target": "≈ 30 M", "Measured": f"{macs:.2f} M" if macs else "—",
+         "Met": met(abs(macs - 30) <= 3 if macs else None)},
+    ]
+    a, _ = runs("smoke/tpc", latest)
+    b, _ = runs("smoke/dynamicvit", latest)
+    if a is not None and b is not None:
+        iv = bootstrap.difference(a.hits, b.hits)
+        rows.append({"What": "95 % interval of a difference at similar MACs (`smoke/tpc` − `smoke/dynamicvit`)",
+                     "Target": "± ≤ 1 point", "Measured": f"±{iv.half_width:.2f} ({iv.diff:+.2f} [{iv.lo:+.2f}, {iv.hi:+.2f}])",
+                     "Met": met(iv.half_width <= 1.0)})
+    for rid in CALIBRATION_ROWS:
+        recs = _train_current(rid, latest)
+        secs = [r.metrics.get("train_duration_s") for r in recs if r.metrics.get("train_duration_s")]
+        if recs:
+            cpu_txt = recs[0].environment.get("device_name", "?")
+            rows.append({"What": f"seconds per training, `{rid}` (top-1 {_mean_sd([r.metrics['top1'] for r in recs])})",
+                         "Target": "≤ ~90 s", "Measured": f"{statistics.fmean(secs):.0f} s on {cpu_txt}"
+                         if secs else "—", "Met": met(statistics.fmean(secs) <= 90 if secs else None)})
+    return pd.DataFrame(rows)
