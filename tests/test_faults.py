@@ -104,11 +104,14 @@ def test_no_loading_path_runs_a_payload(tmp_path, capsys, monkeypatch):
         assert str(file) in line and "contains objects that would have to be executed to load" in line, name
         assert "convert-checkpoint" in line, name
         assert not marker.exists(), f"{name}: the payload ran"
+    code, err = tpcrepro(["convert-checkpoint", str(hostile), str(tmp_path / "out.pth")], capsys, monkeypatch)
+    assert code == 2 and "never executes" in error_line(err) and not (tmp_path / "out.pth").exists()
+    assert not marker.exists(), "convert-checkpoint: the payload ran"
 
 
 def test_convert_a_trusted_file(tmp_path, capsys, monkeypatch):
     """DeiT-style training checkpoints (argparse args, numpy values) and older tpcrepro checkpoints (numpy RNG
-    tuples) convert on request, and only with --trust."""
+    tuples) convert on request without executing anything; a file naming other globals is refused."""
     sd = weights.create(load_recipe("smoke/vit").model).state_dict()
     src, dst = tmp_path / "deit_train.pth", tmp_path / "safe.pth"
     torch.save({"model": sd, "args": argparse.Namespace(lr=5e-4, model="deit"), "best": np.float64(79.8),
@@ -116,9 +119,7 @@ def test_convert_a_trusted_file(tmp_path, capsys, monkeypatch):
                src)
     with pytest.raises(UserError, match="would have to be executed"):
         weights.read_state_dict(src)
-    code, err = tpcrepro(["convert-checkpoint", str(src), str(dst)], capsys, monkeypatch)
-    assert code == 2 and "--trust" in error_line(err) and not dst.exists()
-    code, _ = tpcrepro(["convert-checkpoint", str(src), str(dst), "--trust"], capsys, monkeypatch)
+    code, _ = tpcrepro(["convert-checkpoint", str(src), str(dst)], capsys, monkeypatch)
     assert code == 0
     out = checkpoint.safe_load(dst)
     assert out["args"] == {"lr": 5e-4, "model": "deit"} and out["best"] == 79.8

@@ -18,7 +18,9 @@ import torch
 from tpcrepro.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
-CONVERT_HINT = "if you trust its source, `tpcrepro convert-checkpoint FILE NEW_FILE --trust` rewrites it as a safe file"
+CONVERT_HINT = ("`tpcrepro convert-checkpoint FILE NEW_FILE` rewrites numpy values and argparse arguments as plain "
+                "ones without executing anything; a file with other objects must be re-saved, from a source you trust, "
+                "as its state dict")
 
 
 # ---------------------------------------------------------------- RNG states as plain values
@@ -93,7 +95,7 @@ def load(path: Path, fix: str = "pass --force to start the run over, or delete t
     return state
 
 
-# ---------------------------------------------------------------- converting a trusted file
+# ---------------------------------------------------------------- converting numpy and argparse values
 
 def to_plain(obj: Any, where: str = "", dropped: list | None = None) -> Any:
     """Tensors and plain values from anything unpickled: numpy -> tensors, objects -> their attribute dicts."""
@@ -119,9 +121,35 @@ def to_plain(obj: Any, where: str = "", dropped: list | None = None) -> Any:
     return None
 
 
-def convert_trusted(src: Path, dst: Path) -> list[str]:
-    """Load `src` with full unpickling (runs its code: trusted files only), write `dst` safe. Returns what was dropped."""
-    obj = torch.load(src, map_location="cpu", weights_only=False)
+def _data_globals() -> dict:
+    """The globals a restricted unpickler may also call to rebuild numpy values and argparse arguments: data
+    constructors only (numpy arrays, dtypes and scalars; argparse.Namespace), none of which can run other code."""
+    import argparse
+
+    core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
+    objs = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    objs += [c for c in vars(getattr(np, "dtypes", object)).values() if isinstance(c, type)]
+    return {f"{o.__module__}.{o.__qualname__}": o for o in objs}
+
+
+def convert(src: Path, dst: Path) -> list[str]:
+    """Rewrite `src` (numpy values, argparse arguments, older tpcrepro RNG tuples) as tensors and plain values.
+
+    Nothing in `src` is executed: it is read by torch's restricted unpickler with numpy's and argparse's data
+    constructors allowed as well; a file naming any other global is refused. Returns what was dropped.
+    """
+    allowed = _data_globals()
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(src)
+    except Exception:  # not a zip checkpoint: the safe load below says what is wrong
+        needed = []
+    others = [g for g in needed if g not in allowed]
+    if others:
+        raise UserError(f"{src} needs {', '.join(others[:3])} to load, which tpcrepro never executes; if you trust "
+                        "its source, load it in your own Python (torch.load with weights_only off) and torch.save "
+                        "its state dict")
+    with torch.serialization.safe_globals(list(allowed.values())):
+        obj = safe_load(src)
     if isinstance(obj, dict) and isinstance(obj.get("rng"), dict):  # a tpcrepro checkpoint of an older version
         rng = dict(obj["rng"])
         if isinstance(rng.get("numpy"), tuple):

@@ -383,26 +383,24 @@ def figure(
 
 @app.command("convert-checkpoint")
 def convert_checkpoint(
-    src: Path = typer.Argument(..., help="A .pt/.pth file tpcrepro refuses because it holds Python objects."),
+    src: Path = typer.Argument(..., help="A .pt/.pth file tpcrepro refuses because it holds numpy or argparse values."),
     dst: Path = typer.Argument(..., help="Where to write the converted file (tensors and plain values only)."),
-    trust: bool = typer.Option(False, "--trust", help="Required: you trust SRC's source. Loading SRC runs "
-                               "whatever code its pickle names."),
 ) -> None:
-    """Rewrite a TRUSTED checkpoint so that tpcrepro can load it without executing anything.
+    """Rewrite a checkpoint that holds numpy values or argparse arguments so that tpcrepro can load it.
 
-    tpcrepro reads checkpoints and weights with torch.load(weights_only=True): tensors and plain values only. A file
-    holding other objects (numpy arrays, an argparse.Namespace, a pickled class) is refused. This command loads SRC
-    with full unpickling, which EXECUTES ANY CODE THE FILE CARRIES, so use it only on files from a source you trust;
-    then it writes DST with numpy arrays as tensors, objects as their attribute dicts, and anything else dropped
-    (listed), and checks that DST loads safely.
+    tpcrepro reads checkpoints and weights with torch.load(weights_only=True): tensors and plain values only. DeiT's
+    training checkpoints (an argparse.Namespace, numpy scalars) and tpcrepro's own checkpoints of older versions
+    (numpy RNG states) are refused. This command reads SRC with the same restricted unpickler, allowing in addition
+    only numpy's and argparse's data constructors, so nothing in SRC is executed; it writes DST with numpy arrays as
+    tensors and objects as their attribute dicts (anything else dropped, and listed), and checks that DST loads
+    safely. A file naming any other Python global is refused: re-save its state dict yourself, from a source you
+    trust.
     """
     from tpcrepro import checkpoint
 
-    if not trust:
-        raise UserError(f"converting {src} runs the code its pickle carries; if you trust its source, add --trust")
     if not src.is_file():
         raise UserError(f"{src} does not exist; pass the file to convert")
-    dropped = checkpoint.convert_trusted(src, dst)
+    dropped = checkpoint.convert(src, dst)
     typer.echo(f"{dst}: written, loads with weights_only=True"
                + (f"; dropped (not tensors or plain values): {', '.join(dropped)}" if dropped else ""))
 
