@@ -16,6 +16,7 @@ import torch
 
 from tpcrepro import flops, speed
 from tpcrepro.errors import UserError
+from tpcrepro.models import api
 from tpcrepro.models.vit import TPCVisionTransformer, layer_grouped_, layer_masked
 
 
@@ -184,7 +185,7 @@ def run_form(model: torch.nn.Module, x: torch.Tensor, form: str) -> dict:
     else:  # TPC-Swin: the form is a switch of its forward
         was, model.inference = model.inference, form
         try:
-            out = model.forward_with_stats(x) if hasattr(model, "forward_with_stats") else model(x)
+            out = api.stats_forward(model, x)
         finally:
             model.inference = was
     stats = out["stats"]
