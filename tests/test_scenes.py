@@ -66,13 +66,13 @@ def test_bad_config_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="digit_min"):
         load_recipe("smoke/vit", ("data.scenes.digit_min=40",))
-    r = load_recipe("scenes/vit", ("model.img_size=16",))
+    r = load_recipe("smoke/vit", ("model.img_size=16",))
     with pytest.raises(UserError, match="img_size=32"):
         data.build_datasets(r.data, r.model)
 
 
 def test_the_scenes_recipe_trains_on_scenes_and_sets_draw_per_epoch():
-    r = load_recipe("scenes/vit", ("data.scenes.train_size=8", "data.scenes.val_size=4"))
+    r = load_recipe("smoke/vit", ("data.scenes.train_size=8", "data.scenes.val_size=4"))
     assert r.data.dataset == "scenes" and (r.model.img_size, r.model.in_chans) == (32, 3)
     ds = data.build_datasets(r.data, r.model, seed=1)
     assert len(ds.train) == 8 and len(ds.val) == 4

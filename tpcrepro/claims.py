@@ -256,7 +256,7 @@ def calibration_frame(latest: dict):
          "Met": met(statistics.stdev(top1) <= 1 and len(top1) >= 3 if len(top1) > 1 else None)},
         *[{"What": f"patch tokens the digit touches, `{rid}` ({what}, mean over the validation set)",
            "Target": "≤ 30 %", "Measured": f"{100 * cov:.1f} %", "Met": met(cov <= 0.30)}
-          for rid, what, cov in (coverage("smoke/vit"), coverage("scenes/vit"))],
+          for rid, what, cov in (coverage("smoke/vit"),)],
         {"What": "smoke ViT MACs per image", "Target": "≈ 30 M", "Measured": f"{macs:.2f} M" if macs else "—",
          "Met": met(abs(macs - 30) <= 3 if macs else None)},
     ]

@@ -369,7 +369,7 @@ def figure(
     elif name == "tradeoff":
         written = figures.tradeoff(profile=profile, out=path)
     elif name == "samples":
-        written = figures.samples(out=path, recipe_id=(recipe or ["scenes/vit"])[0])
+        written = figures.samples(out=path, recipe_id=(recipe or ["smoke/vit"])[0])
     else:
         ids = list(recipe or (["smoke/tpc"] if name == "fig5" else ["smoke/vit", "smoke/tpc"]))
         x, display = _figure_images(ids[-1], images, data)

@@ -104,7 +104,13 @@ def collate_skip(batch: list):
     return x, y, bad
 
 
-def resolve_root(cfg: DataCfg, override: Optional[str] = None) -> Path:
+EMBEDDED = ("digits", "scenes")  # data sets generated from what ships inside scikit-learn: no directory
+
+
+def resolve_root(cfg: DataCfg, override: Optional[str] = None) -> Optional[Path]:
+    """The data directory of an ImageFolder data set (None for an embedded one); a missing one is a UserError."""
+    if cfg.dataset in EMBEDDED:
+        return None
     root = override or cfg.root or os.environ.get(DATA_ENV)
     if not root:
         raise UserError(

@@ -463,7 +463,7 @@ def fig1(model: torch.nn.Module | Mapping[str, torch.nn.Module], images: torch.T
 
 # ---------------------------------------------------------------- the smoke data
 
-def samples(out: Path | None = None, recipe_id: str = "scenes/vit", n: int = 32, cols: int = 8) -> Path:
+def samples(out: Path | None = None, recipe_id: str = "smoke/vit", n: int = 32, cols: int = 8) -> Path:
     """A grid of validation scenes of the recipe's data (tpcrepro/scenes.py), the digit's patch tokens outlined."""
     from matplotlib.patches import Rectangle
 
@@ -472,7 +472,7 @@ def samples(out: Path | None = None, recipe_id: str = "scenes/vit", n: int = 32,
 
     r = load_recipe(recipe_id)
     if r.data.dataset != "scenes":
-        raise UserError(f"{recipe_id} trains on '{r.data.dataset}', not on scenes; pick a scenes recipe (scenes/vit)")
+        raise UserError(f"{recipe_id} trains on '{r.data.dataset}', not on scenes; pick a scenes recipe (smoke/vit)")
     patch = int(r.model.kwargs.get("patch_size", 4))
     ds = ScenesDataset("val", r.data.scenes)
     drawn = [ds.scene(i) for i in range(min(n, len(ds)))]

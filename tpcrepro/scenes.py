@@ -62,6 +62,7 @@ class ScenesCfg:
     brightness: float = 1.0  # the background's gains are drawn in [0.6, 1.4] × this
     spread: float = 1.0  # the digit's centre: uniform over this fraction of the free range around the middle
     contrast: float = 0.25  # least luminance difference between a stroke's colour and what lies under it
+    texture: float = 1.0  # the background's contrast about its mean is drawn in [0.5, 1.2] × this
 
     def __post_init__(self):
         if not 8 <= self.digit_min <= self.digit_max <= self.canvas:
@@ -187,7 +188,7 @@ def draw(cfg: ScenesCfg, a: Assets, rng: np.random.Generator, digit: int | None 
         img = img[::-1]
     img = img * (cfg.brightness * r.uniform(0.6, 1.4, size=3))  # colour jitter: a gain per channel ...
     mean = img.mean()
-    img = np.clip((img - mean) * r.uniform(0.5, 1.2) + mean, 0.0, 1.0)  # ... and contrast
+    img = np.clip((img - mean) * (cfg.texture * r.uniform(0.5, 1.2)) + mean, 0.0, 1.0)  # ... and contrast
     main = r.integer(0, n) if digit is None else int(digit)
     for _ in range(cfg.clutter):  # fragments of other digits, under the digit
         other = r.integer(0, n - 1)
