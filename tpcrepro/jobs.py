@@ -38,13 +38,18 @@ def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[s
     settings = {"world_size": d.world, "batch_size": recipe.train.batch_size, "epochs": recipe.train.epochs,
                 "run_dir": str(run_dir), "data": recipe.data.dataset}
     if recipe.model.init_from:
-        path = init_checkpoint(recipe.model.init_from, seed)
+        path = init_checkpoint(recipe.model.init_from, init_seed(recipe, seed))
         weights.load_weights(model, path)
         settings["init_from"] = str(path)
     if isinstance(model, api.Distilled):  # distillation from the frozen starting weights (DynamicViT)
         model.attach_teacher()
     fit = Fit(recipe, model, run_dir, d, data_root, seed)
     return fit.run(hook, progress), settings
+
+
+def init_seed(recipe: Recipe, seed: int) -> int:
+    """The seed of the run a fine-tuning starts from: model.init_seed, else the job's own."""
+    return seed if recipe.model.init_seed is None else recipe.model.init_seed
 
 
 def init_checkpoint(recipe_id: str, seed: int) -> Path:

@@ -38,6 +38,7 @@ class ModelCfg:
     pretrained: Optional[str] = None  # null | "hub" | path to a checkpoint file ($VARS expanded)
     backbone: Optional[str] = None  # timm name whose hub weights `pretrained: hub` loads (adaptive models)
     init_from: Optional[str] = None  # recipe id: start from that recipe's finished run of the same seed
+    init_seed: Optional[int] = None  # with init_from: start from this seed's run instead (one pretrained backbone for all)
     num_classes: int = 1000
     img_size: int = 224
     in_chans: int = 3

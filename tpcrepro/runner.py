@@ -88,7 +88,8 @@ def plan(recipes: list[Recipe], seeds: list[int], kinds: Optional[tuple] = None)
         wanted = [k for k in r.jobs if kinds is None or k in kinds]
         if r.model.init_from and "train" in wanted:
             dep = load_recipe(r.model.init_from)
-            jobs += [Job(dep, "train", s, dependency=True) for s in seeds]
+            dep_seeds = seeds if r.model.init_seed is None else [r.model.init_seed]
+            jobs += [Job(dep, "train", s, dependency=True) for s in dep_seeds]
         jobs += [Job(r, kind, s) for kind in wanted for s in ([0] if kind in SEED_FREE_KINDS else seeds)]
     seen, out = set(), []
     for j in jobs:
