@@ -1,13 +1,14 @@
 """Rerun one committed smoke job here and demand its committed top-1, bit for bit.
 
-    python scripts/check_reproduce.py [RECIPE] [SEED] [--keep]   (default: smoke/vit 0, ~2-4 CPU-minutes)
+    python scripts/check_reproduce.py [RECIPE] [SEED] [--keep]   (default: smoke/vit 0, a few CPU-minutes)
 
 Reads the newest done train record of RECIPE/SEED for the current recipe
 version from results/records, reruns it into a temporary results folder with
 the same threads (OMP_NUM_THREADS from the record), and compares top-1 and
 every validation image's hit (`--keep` adds the new record to results/records and keeps the run's checkpoint under runs/). Exit 0: identical; 1: different (what differs is
 printed, with both machines' CPU kernels); 2: nothing to compare against.
-A recipe fine-tuned from another needs that one's checkpoint: run the base first.
+A recipe fine-tuned from another needs that one's checkpoint under runs/: run the base first
+(`tpcrepro run smoke/vit_pretrain --seeds 0`, or this script on it with --keep).
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONPATH": str(ROOT),
            "TPCREPRO_NO_PROGRESS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = str(ROOT / "runs") if keep else f"{tmp}/runs"  # --keep: the checkpoint stays for fine-tunes
-        cmd = [sys.executable, "-m", "tpcrepro", "--results", f"{tmp}/results", "--runs", runs,
-               "job", recipe_id, "--kind", "train", "--seed", str(seed), "--force"]
+        # runs/ of this checkout: a fine-tune finds its base's checkpoint there; the rerun itself goes to a
+        # temporary run directory (--keep: to its usual place, so fine-tunes can start from it)
+        run_dir = [] if keep else ["--run-dir", f"{tmp}/run"]
+        cmd = [sys.executable, "-m", "tpcrepro", "--results", f"{tmp}/results", "--runs", str(ROOT / "runs"),
+               "job", recipe_id, "--kind", "train", "--seed", str(seed), "--force", *run_dir]
         subprocess.run(cmd, cwd=ROOT, env=env, check=True)
         path = next(Path(tmp, "results", "records").glob("*.json"))
         new = json.loads(path.read_text())

@@ -80,11 +80,22 @@ def test_current_version_wins_over_a_newer_other_version(tmp_path):
 def test_force_does_not_rerun_the_base_of_a_fine_tune():
     from tpcrepro import runner
 
-    jobs = runner.plan([load_recipe("smoke/tpc")], [0, 1])
+    jobs = runner.plan([load_recipe("smoke/tpc", ("model.init_seed=null",))], [0, 1])
     deps = [j for j in jobs if j.dependency]
-    assert [(j.recipe.id, j.seed) for j in deps] == [("smoke/vit", 0), ("smoke/vit", 1)]
+    assert [(j.recipe.id, j.seed) for j in deps] == [("smoke/vit_pretrain", 0), ("smoke/vit_pretrain", 1)]
     assert jobs.index(deps[-1]) < min(jobs.index(j) for j in jobs if j.recipe.id == "smoke/tpc")
     assert [j.seed for j in jobs if j.kind == "flops"] == [0]
+
+
+def test_every_seed_fine_tunes_the_one_pretrained_backbone():
+    """model.init_seed: every seed of a smoke row starts from the backbone's seed-0 run, which is planned once."""
+    from tpcrepro import jobs as jobs_mod, runner
+
+    tpc = load_recipe("smoke/tpc")
+    plan = runner.plan([tpc, load_recipe("smoke/vit")], [0, 1, 2])
+    assert [(j.recipe.id, j.seed) for j in plan if j.dependency] == [("smoke/vit_pretrain", 0)]
+    assert [jobs_mod.init_seed(tpc, s) for s in (0, 1, 2)] == [0, 0, 0]
+    assert jobs_mod.init_seed(load_recipe("smoke/tpc", ("model.init_seed=null",)), 2) == 2
 
 
 def test_cpu_images_per_sec_never_sit_beside_the_papers():
