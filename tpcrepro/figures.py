@@ -42,18 +42,16 @@ FIG4_PAIRS = {
     "smoke": [("w/o stabilizer", "smoke/tpc"), ("w/ stabilizer κ=33", "smoke/tpc_kappa100")],
     "paper": [("w/o stabilizer", "deit/tpc_deit_s_nostab"), ("w/ stabilizer κ=100", "deit/tpc_deit_s")],
 }
-METHOD_LABEL = {"baseline": "backbone", "tpc": "TPC (target depth)", "avit": "A-ViT (target depth)",
-                "evit": "EViT (keep rate)", "dynamicvit": "DynamicViT (keep ratio)", "tome": "ToMe (r)"}
 
 
 def table_groups(table_id: str = "tradeoff", profile: str = "smoke") -> dict[str, list[str]]:
     """A table's rows grouped by method, in row order: {label: [recipe ids]} (tables/tradeoff.yaml by default)."""
-    from tpcrepro import tables
+    from tpcrepro import methods, tables
 
     groups: dict[str, list[str]] = {}
     for row in tables.load_table(table_id).rows:
         if profile in row.recipes:
-            groups.setdefault(METHOD_LABEL.get(row.method, row.method), []).append(row.recipes[profile])
+            groups.setdefault(methods.label(row.method), []).append(row.recipes[profile])
     return groups
 
 

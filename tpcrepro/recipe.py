@@ -19,12 +19,8 @@ from typing import Any, Optional
 
 import yaml
 
-from tpcrepro import paths
+from tpcrepro import methods, paths
 from tpcrepro.errors import UserError
-from tpcrepro.models.controller import TPCCfg
-from tpcrepro.models.dynamicvit import DynamicViTCfg
-from tpcrepro.models.evit import EViTCfg
-from tpcrepro.models.tome import ToMeCfg
 from tpcrepro.scenes import ScenesCfg
 
 PROFILES = ("smoke", "paper")
@@ -119,33 +115,38 @@ class StabilizerCfg:
             raise ValueError(f"stabilizer.kappa must be at least 1 (or null for dense attention), got {self.kappa}")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    profile: str
-    description: str = ""
-    seed: int = 0
-    jobs: tuple = ("train", "flops")
-    cost_gpu_hours: Optional[float] = None  # stated cost of all its jobs in A100-class GPU-hours (`run --dry-run` sums)
-    model: ModelCfg = field(default_factory=ModelCfg)
-    data: DataCfg = field(default_factory=DataCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-    throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
-    tpc: TPCCfg = field(default_factory=TPCCfg)  # also A-ViT's configuration of the same controller
-    evit: EViTCfg = field(default_factory=EViTCfg)
-    dynamicvit: DynamicViTCfg = field(default_factory=DynamicViTCfg)
-    tome: ToMeCfg = field(default_factory=ToMeCfg)
-    stabilizer: StabilizerCfg = field(default_factory=StabilizerCfg)
-    # Filled by the loader, not by YAML.
-    id: str = ""
-    overrides: tuple = ()
-
+class _RecipeMethods:
     @property
     def hash(self) -> str:
         return recipe_hash(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The recipe's sections in order; each method's own section (tpcrepro.methods: tpc, also A-ViT's configuration
+# of the same controller, evit, dynamicvit, tome) comes from the methods table, so a new method adds none here.
+_FIELDS = [
+    ("profile", str),
+    ("description", str, field(default="")),
+    ("seed", int, field(default=0)),
+    ("jobs", tuple, field(default=("train", "flops"))),
+    # stated cost of all its jobs in A100-class GPU-hours (`run --dry-run` sums)
+    ("cost_gpu_hours", Optional[float], field(default=None)),
+    ("model", ModelCfg, field(default_factory=ModelCfg)),
+    ("data", DataCfg, field(default_factory=DataCfg)),
+    ("train", TrainCfg, field(default_factory=TrainCfg)),
+    ("eval", EvalCfg, field(default_factory=EvalCfg)),
+    ("throughput", ThroughputCfg, field(default_factory=ThroughputCfg)),
+    *[(name, cfg, field(default_factory=cfg)) for name, cfg in methods.sections().items()],
+    ("stabilizer", StabilizerCfg, field(default_factory=StabilizerCfg)),
+    # Filled by the loader, not by YAML.
+    ("id", str, field(default="")),
+    ("overrides", tuple, field(default=())),
+]
+Recipe = dataclasses.make_dataclass("Recipe", _FIELDS, bases=(_RecipeMethods,), frozen=True)
+Recipe.__module__ = __name__  # pickles as tpcrepro.recipe.Recipe
+Recipe.__doc__ = "A validated recipe: the sections above, each a frozen dataclass of its keys."
 
 
 def _non_default(d: dict, default: dict) -> dict:
@@ -319,7 +320,7 @@ def build(cls: type, data: dict, source: str, prefix: str) -> Any:
 
 
 # (low, high, low_open, high_open); None = unbounded. Checked when a value enters, one line naming the key.
-_GE0, _GE1, _GT0, _UNIT = (0, None, False, False), (1, None, False, False), (0, None, True, False), (0, 1, False, False)
+_GE0, _GE1, _GT0, _UNIT = methods.GE0, methods.GE1, methods.GT0, methods.UNIT
 RANGES: dict[type, dict[str, tuple]] = {
     ModelCfg: {"num_classes": _GE1, "img_size": _GE1, "in_chans": _GE1, "drop_path": _UNIT},
     AugCfg: {"color_jitter": _GE0, "hflip": _UNIT, "re_prob": _UNIT, "mixup": _GE0, "cutmix": _GE0,
@@ -331,12 +332,7 @@ RANGES: dict[type, dict[str, tuple]] = {
     EvalCfg: {"batch_size": _GE1},
     ThroughputCfg: {"batch_size": _GE1, "warmup": _GE0, "steps": _GE1, "repeats": _GE1},
     StabilizerCfg: {"kappa": _GE1},
-    TPCCfg: {"xi": _UNIT, "delta": (0, 1, True, True), "pause_span": _GE1, "target_depth": _GT0,
-             "phi_p": _GE0, "phi_d": _GE0},
-    EViTCfg: {"keep_rate": (0, 1, True, False), "shrink_start": _GE0, "shrink_epochs": _GE0},
-    DynamicViTCfg: {"keep_rate": (0, 1, True, False), "ratio_weight": _GE0, "cls_distill_weight": _GE0,
-                    "token_distill_weight": _GE0, "backbone_lr_scale": _GE0, "freeze_epochs": _GE0, "tau": _GT0},
-    ToMeCfg: {"r": _GE0},
+    **methods.ranges(),
 }
 
 
