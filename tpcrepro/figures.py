@@ -79,22 +79,14 @@ def save(fig: Figure, out: Path, dpi: int = 150) -> Path:
 
 # ---------------------------------------------------------------- records and runs
 
-def _train_records(recipe_id: str, profile: str, latest: dict) -> list[records.Record]:
-    """The newest train record per seed: of the current recipe hash if any, else of the newest hash."""
+def _train_records(recipe_id: str, profile: str, latest: records.Latest) -> list[records.Record]:
+    """The newest train record per seed: of the current recipe hash if any, else of older versions on the same data."""
     from tpcrepro.recipe import load_recipe
 
-    mine = [r for k, r in latest.items() if k[0] == recipe_id and k[1] == profile and k[2] == "train"]
-    if not mine:
+    if not latest.of(recipe_id, profile):
         return []
-    recipe = load_recipe(recipe_id)
-    current = recipe.hash
-    if current not in {r.recipe_hash for r in mine}:  # older versions: only those on the same data set
-        mine = [r for r in mine if r.settings.get("data") == recipe.data.dataset]
-        if not mine:
-            return []
-    hashes = {r.recipe_hash for r in mine}
-    chosen = current if current in hashes else max(mine, key=lambda r: r.started_at).recipe_hash
-    return sorted((r for r in mine if r.recipe_hash == chosen), key=lambda r: r.seed)
+    mine, _ = latest.current(load_recipe(recipe_id), profile, kinds=("train",))
+    return sorted(mine, key=lambda r: r.seed)
 
 
 def read_curve(path: Path) -> Curve:
@@ -120,7 +112,7 @@ def _metrics_file(rec: records.Record) -> Path | None:
 
 def recipe_curves(recipe_id: str, profile: str = "smoke", latest: dict | None = None) -> list[Curve]:
     """One curve per seed with a done train record and its metrics.jsonl on disk."""
-    latest = records.latest(records.load_records()) if latest is None else latest
+    latest = records.newest() if latest is None else latest
     out = []
     for rec in _train_records(recipe_id, profile, latest):
         if rec.metrics.get("history_top1"):  # the record keeps the curve: no run directory needed
@@ -143,7 +135,7 @@ def fig4(pairs: Sequence[tuple[str, str | Sequence[Path]]] | None = None, profil
     source: a recipe id (its train records' run directories) or run directories / metrics.jsonl files.
     """
     pairs = FIG4_PAIRS[profile] if pairs is None else pairs
-    latest = records.latest(records.load_records())
+    latest = records.newest()
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     drawn, missing = 0, []
@@ -187,7 +179,7 @@ def tradeoff(groups: Mapping[str, Sequence[str]] | None = None, profile: str = "
         raise UserError(f"tradeoff: no default methods for the {profile} profile; pass groups {{label: [recipe ids]}}")
     groups = table_groups("tradeoff", profile) if groups is None else groups
     baseline = BASELINE.get(profile) if baseline == "default" else baseline
-    latest = records.latest(records.load_records())
+    latest = records.newest()
     base = collect(baseline, profile, latest) if baseline else None
     base_macs = statistics.fmean(base.values["gmacs"]) if base and "gmacs" in base.values else None
     unit, scale = ("M", 1e3) if profile == "smoke" else ("G", 1.0)

@@ -175,10 +175,7 @@ def _run_held(recipe: Recipe, kind: str, seed: int, d: distributed.Dist, data_ro
 
 def _write(recipe: Recipe, kind: str, seed: int, status: str, metrics: dict, settings: dict, d: distributed.Dist,
            started: str, t0: float, error: Optional[str]) -> tuple[records.Record, Path]:
-    rec = records.Record(
-        recipe=recipe.id, recipe_hash=recipe.hash, profile=recipe.profile, kind=kind, seed=seed, status=status,
-        metrics=metrics, settings=settings, overrides=list(recipe.overrides),
-        environment=records.environment(d.device), started_at=started,
-        duration_s=round(time.perf_counter() - t0, 3), error=error,
-    )
+    rec = records.new(recipe.id, recipe.hash, recipe.profile, kind, seed=seed, status=status, metrics=metrics,
+                      settings=settings, overrides=recipe.overrides, device=d.device, started_at=started,
+                      duration_s=round(time.perf_counter() - t0, 3), error=error)
     return rec, records.write_record(rec)

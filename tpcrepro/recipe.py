@@ -9,7 +9,9 @@ are applied after the base merge and are part of the recipe's hash.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import os
 import json
 import types
 import typing
@@ -116,8 +118,8 @@ class StabilizerCfg:
 
 
 class _RecipeMethods:
-    @property
-    def hash(self) -> str:
+    @functools.cached_property
+    def hash(self) -> str:  # computed once per recipe (a frozen dataclass: it cannot change)
         return recipe_hash(self)
 
     def to_dict(self) -> dict:
@@ -246,8 +248,46 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> dict:
 MAX_BASE_DEPTH = 4
 
 
+_loaded: dict[tuple, tuple[tuple, Recipe]] = {}  # (path, overrides, recipes dir) -> (its files' stats, recipe)
+_loading: set = set()  # the recipes whose init_from is being loaded (a loop of init_from stops there)
+
+
+def _stats(chain: list[Path]) -> tuple:
+    """What tells whether a recipe's files changed: each one's inode, size and mtime."""
+    out = []
+    for p in chain:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return ()
+        out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def load_recipe(recipe_id: str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """The recipe, base chain merged and overrides applied; read once per process while its files stay the same."""
     path = recipe_path(recipe_id)
+    key = (str(path), tuple(overrides), str(paths.recipes_dir()))
+    hit = _loaded.get(key)
+    if hit is not None and hit[0] and _stats([Path(p) for p, *_ in hit[0]]) == hit[0]:
+        return hit[1]
+    recipe, chain = _load(path, tuple(overrides))
+    stats = _stats(chain)
+    dep_key = (str(recipe_path(recipe.model.init_from)), (), str(paths.recipes_dir())) if recipe.model.init_from else None
+    if dep_key and stats:  # its hash includes the base run's recipe: a change there counts too
+        if dep_key != key and dep_key not in _loading:
+            _loading.add(key)
+            try:
+                load_recipe(recipe.model.init_from)
+            finally:
+                _loading.discard(key)
+        dep = _loaded.get(dep_key)
+        stats = stats + dep[0] if dep and dep[0] else ()  # () is never equal to a fresh stat: not cached
+    _loaded[key] = (stats, recipe)
+    return recipe
+
+
+def _load(path: Path, overrides: tuple[str, ...]) -> tuple[Recipe, list[Path]]:
     data = _read_yaml(path)
     chain, here = [path.resolve()], path
     while (base_name := data.pop("base", None)) is not None:
@@ -264,7 +304,7 @@ def load_recipe(recipe_id: str, overrides: tuple[str, ...] | list[str] = ()) -> 
         keys, value = parse_override(text)
         data = _apply_override(data, keys, value)
     recipe = build(Recipe, data, str(path), prefix="")
-    return dataclasses.replace(recipe, id=recipe_id_of(path), overrides=tuple(overrides))
+    return dataclasses.replace(recipe, id=recipe_id_of(path), overrides=tuple(overrides)), chain
 
 
 # ---------------------------------------------------------------- validation

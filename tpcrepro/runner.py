@@ -99,20 +99,19 @@ def plan(recipes: list[Recipe], seeds: list[int], kinds: Optional[tuple] = None)
     return out
 
 
-def job_status(job: Job, latest_any: dict, latest_done: dict) -> str:
+def job_status(job: Job, latest_any: records.Latest, latest_done: records.Latest) -> str:
     """done | failed | stale (done only for another recipe version) | missing."""
-    key = (job.recipe.id, job.recipe.profile, job.kind, job.seed, job.recipe.hash)
-    if key in latest_done:
+    rec, stale = latest_done.current_record(job.recipe, job.kind, job.seed)
+    if rec is not None and not stale:
         return "done"
-    last = latest_any.get(key)
+    last = latest_any.get((job.recipe.id, job.recipe.profile, job.kind, job.seed, job.recipe.hash))
     if last is not None and last.status == "failed":
         return "failed"
-    return "stale" if any(k[:4] == key[:4] for k in latest_done) else "missing"
+    return "stale" if rec is not None else "missing"
 
 
 def statuses(jobs: list[Job]) -> list[tuple[Job, str]]:
-    recs = records.load_records()
-    any_, done = records.latest(recs, only_done=False), records.latest(recs)
+    any_, done = records.newest(only_done=False), records.newest()
     return [(j, job_status(j, any_, done)) for j in jobs]
 
 
