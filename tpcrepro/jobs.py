@@ -87,9 +87,8 @@ def _flops(recipe: Recipe) -> tuple[dict, dict]:
 
 
 def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:
-    t, m = recipe.throughput, recipe.model
-    p = speed.Protocol(batch_size=t.batch_size, precision=t.precision, warmup=t.warmup, steps=t.steps,
-                       repeats=t.repeats, device=device)
+    m = recipe.model
+    p = speed.Protocol.of(recipe.throughput, device)
     model = static_model(recipe)
     res = speed.compare({m.name: model}, (m.in_chans, m.img_size, m.img_size), p)[m.name]
     return {"images_per_sec": res["images_per_sec"], "latency_ms": res["latency_ms"]}, speed.settings(p)

@@ -100,6 +100,8 @@ class EvalCfg:
 
 @dataclass(frozen=True)
 class ThroughputCfg:
+    """A `throughput` job's timing settings: the fields of speed.Protocol, which adds the device and compile."""
+
     batch_size: int = 256
     precision: str = "bf16"  # bf16 | fp32
     warmup: int = 10
