@@ -67,3 +67,17 @@ def test_method_kwargs_from_the_table():
     with pytest.raises(UserError, match="has no stabilizer"):
         methods.method_kwargs(load_recipe("smoke/vit", ("stabilizer.kappa=4",)))
     assert methods.method_kwargs(load_recipe("smoke/vit")) == {}
+
+
+def test_controllers_say_how_a_fixed_schedule_replays_them():
+    import timm
+
+    import tpcrepro.models  # noqa: F401
+    from tpcrepro.models import api
+
+    for name in ("tpc_vit_smoke", "avit_vit_smoke", "tpc_lvvit_smoke"):
+        m = timm.create_model(name)
+        assert isinstance(m, api.ViTController) and not isinstance(m, api.StageController), name
+    swin = timm.create_model("tpc_swin_smoke")
+    assert isinstance(swin, api.StageController) and not isinstance(swin, api.ViTController)
+    assert not isinstance(timm.create_model("vit_smoke_patch2_16"), api.ViTController)

@@ -1,4 +1,4 @@
-"""Throughput by one protocol (MEASURE.md).
+"""Throughput by one protocol (docs/measure.md).
 
 Eval mode, inference mode, random input already on the device, warm-up
 steps, then timed steps between device syncs (CUDA events on GPU), median

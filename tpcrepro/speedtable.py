@@ -82,7 +82,7 @@ def build(e: Entry, base_macs: float, batch: int) -> tuple[torch.nn.Module, str,
     model = jobs.static_model(r).eval()
     if not api.is_adaptive(model):
         return model, "random weights (fixed schedule)", None
-    if not e.target_gmacs or not hasattr(model, "dims"):
+    if not e.target_gmacs or not isinstance(model, api.ViTController):
         raise UserError(f"{r.id}: no finished run to time and no MACs to benchmark it at; train it first")
     target = e.target_gmacs * (1e9 if r.profile == "paper" else base_macs)
     dims = model.dims
