@@ -261,26 +261,6 @@ def models(pattern: str = typer.Argument("*", help="Filter, e.g. 'deit*' or '*sm
         typer.echo(name)
 
 
-FIGURES = ("fig1", "fig4", "fig5", "tradeoff", "samples")
-
-
-def _figure_images(recipe_id: str, n: int, data: Optional[str]):
-    """The first n evaluation images of the recipe's data: (model input, display or None)."""
-    from tpcrepro import figures
-    from tpcrepro.recipe import load_recipe
-
-    r = load_recipe(recipe_id)
-    if r.data.dataset == "digits":
-        return figures.digits_images(n)
-    from tpcrepro import data as data_mod
-
-    val = data_mod.build_datasets(r.data, r.model, data).val
-    import torch
-
-    x = torch.stack([val[i][0] for i in range(min(n, len(val)))])
-    return x, ((x + 1) / 2 if r.data.dataset == "scenes" else None)  # scenes are in [-1, 1]: show their colours
-
-
 @app.command()
 def figure(
     name: str = typer.Argument(..., help="fig1 (CLS attention per layer) | fig4 (top-1 per epoch with and without "
@@ -295,26 +275,9 @@ def figure(
     out: Optional[str] = typer.Option(None, "--out", help="PNG path (default results/figures/<name>.png)."),
 ) -> None:
     """Draw one of the paper's figures (or the trade-off curves) from records and checkpoints, as PNG."""
-    if name not in FIGURES:
-        raise UserError(f"unknown figure '{name}'; choose one of {', '.join(FIGURES)}")
     from tpcrepro import figures
 
-    path = Path(out) if out else None
-    if name == "fig4":
-        written = figures.fig4(profile=profile, out=path)
-    elif name == "tradeoff":
-        written = figures.tradeoff(profile=profile, out=path)
-    elif name == "samples":
-        written = figures.samples(out=path, recipe_id=(recipe or ["scenes/vit"])[0])
-    else:
-        ids = list(recipe or (["smoke/tpc"] if name == "fig5" else ["smoke/vit", "smoke/tpc"]))
-        x, display = _figure_images(ids[-1], images, data)
-        models = {rid: figures.load_run_model(rid, seed) for rid in ids}
-        if name == "fig5":
-            written = figures.fig5(models[ids[-1]], x, path, display=display)
-        else:
-            written = figures.fig1(models, x, path, display=display)
-    typer.echo(str(written))
+    typer.echo(str(figures.draw(name, recipe, seed, images, profile, data, Path(out) if out else None)))
 
 
 @app.command("convert-checkpoint")
