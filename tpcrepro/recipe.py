@@ -8,6 +8,7 @@ are applied after the base merge and are part of the recipe's hash.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -204,16 +205,26 @@ def recipe_id_of(path: Path) -> str:
         return str(path.with_suffix(""))
 
 
+_yaml_read: dict[str, tuple[tuple, dict]] = {}  # path -> ((inode, size, mtime), its mapping): a shared base is read once
+
+
 def _read_yaml(path: Path) -> dict:
+    """The file's mapping (a fresh copy: the loader changes it)."""
     if not path.exists():
         raise UserError(f"recipe file {path} does not exist; see `tpcrepro recipes` for the available ids")
+    st = path.stat()
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _yaml_read.get(str(path))
+    if hit is not None and hit[0] == sig:
+        return copy.deepcopy(hit[1])
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of recipe keys")
-    return data
+    _yaml_read[str(path)] = (sig, data)
+    return copy.deepcopy(data)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
