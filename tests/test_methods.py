@@ -15,6 +15,7 @@ from tpcrepro.recipe import Recipe, load_recipe
 
 def test_recipes_tables_and_records_load_without_torch():
     code = ("import sys, tpcrepro.recipe, tpcrepro.tables, tpcrepro.records, tpcrepro.methods, tpcrepro.status\n"
+            "import tpcrepro.runner, tpcrepro.cli, tpcrepro.report, tpcrepro.claims, tpcrepro.figures\n"
             "tpcrepro.recipe.load_recipe('smoke/tpc').hash; tpcrepro.tables.load_all()\n"
             "bad = [m for m in ('torch', 'timm', 'tpcrepro.models') if m in sys.modules]\n"
             "assert not bad, bad")
