@@ -42,7 +42,7 @@ if [ "$DEVICE" = cuda ]; then timeout 60 $PY -m pytest -q -m gpu tests/ || fail 
 step "2. stabilizer block vs dense block"
 timeout 60 $PY - <<'PYEOF' || fail "stabilizer bench"
 import json, os, torch
-from tpcrepro.kernels.bench import stabilizer_block_bench
+from tpcrepro.kernels.block_cost import stabilizer_block_bench
 from tpcrepro.measure import write_bench_record
 from tpcrepro import speed
 dev, quick = os.environ["DEVICE"], os.environ["QUICK"] == "1"

@@ -93,7 +93,7 @@ def test_swin_analytic_macs_equal_fvcore():
         from tpcrepro.models.swin import swin_macs
 
         assert swin_macs(m) == flops.fvcore_macs(m, shape)
-    assert swin_macs(timm.create_model("swin_tiny_patch4_window7_224")) == 4_509_194_496  # MEASURE.md: 4.509 G
+    assert swin_macs(timm.create_model("swin_tiny_patch4_window7_224")) == 4_509_194_496  # docs/measure.md: 4.509 G
 
 
 def test_tpc_lvvit_all_token_count_equals_fvcore_of_the_backbone():

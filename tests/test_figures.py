@@ -9,13 +9,13 @@ import timm
 import torch
 
 import tpcrepro.models  # noqa: F401  registers tpc_vit_smoke
-from tpcrepro import figures, jobs, paths, records
+from tpcrepro import figures, jobs, paths, records, tokenmaps
 from tpcrepro.errors import UserError
-from tpcrepro.figures import COMPUTED as C
-from tpcrepro.figures import GONE as G
-from tpcrepro.figures import HALTED as H
-from tpcrepro.figures import PAUSED as P
-from tpcrepro.figures import RESTARTED as R
+from tpcrepro.tokenmaps import COMPUTED as C
+from tpcrepro.tokenmaps import GONE as G
+from tpcrepro.tokenmaps import HALTED as H
+from tpcrepro.tokenmaps import PAUSED as P
+from tpcrepro.tokenmaps import RESTARTED as R
 from tpcrepro.models.controller import TPCCfg
 from tpcrepro.recipe import load_recipe
 
@@ -42,12 +42,12 @@ def test_token_states_hand_made():
         [[C, H, R, G], [G, G, G, G]],  # image 1 would restart token 1, but its CLS halted before
         [[H, G, G, G], [G, G, G, G]],
     ])
-    assert torch.equal(figures.token_states(trace), want)
+    assert torch.equal(tokenmaps.token_states(trace), want)
 
 
 def test_token_states_restart_and_halt_same_layer():
     trace = _trace([([[1, 1]], [[0, 0]], [[0, 0]]), ([[1, 0]], [[0, 1]], [[0, 0]]), ([[1, 1]], [[0, 0]], [[0, 1]])])
-    assert figures.token_states(trace)[:, 0].tolist() == [[C, C], [C, P], [C, H]]
+    assert tokenmaps.token_states(trace)[:, 0].tolist() == [[C, C], [C, P], [C, H]]
 
 
 def _tpc(beta=1.0):
@@ -58,8 +58,8 @@ def _tpc(beta=1.0):
 def test_token_states_match_model_stats():
     model = _tpc()
     x = torch.randn(4, 1, 16, 16)
-    trace, _ = figures.run_trace(model, x)
-    codes = figures.token_states(trace).transpose(0, 1)  # [B, L, N]
+    trace, _ = tokenmaps.run_trace(model, x)
+    codes = tokenmaps.token_states(trace).transpose(0, 1)  # [B, L, N]
     assert {C, R, P, H, G} <= set(codes.unique().tolist())  # the small β gives every state
     with torch.no_grad():
         stats = model.forward_masked(x)["stats"]
@@ -72,16 +72,16 @@ def test_token_states_match_model_stats():
 def test_fig5_and_fig1_write_pngs(tmp_path):
     tpc, vit = _tpc(), timm.create_model("vit_smoke_patch2_16").eval()
     x = torch.randn(2, 1, 16, 16)
-    p5 = figures.fig5(tpc, x, layers=[0, 2, 4, 7])
+    p5 = tokenmaps.fig5(tpc, x, layers=[0, 2, 4, 7])
     assert p5 == paths.results_dir() / "figures" / "fig5.png" and p5.read_bytes()[:4] == PNG
-    p1 = figures.fig1({"ViT": vit, "TPC": tpc}, x, tmp_path / "f1.png", display=(x.clamp(-1, 1) + 1) / 2)
+    p1 = tokenmaps.fig1({"ViT": vit, "TPC": tpc}, x, tmp_path / "f1.png", display=(x.clamp(-1, 1) + 1) / 2)
     assert p1.read_bytes()[:4] == PNG
-    att = figures.cls_attention(tpc, x)
+    att = tokenmaps.cls_attention(tpc, x)
     assert att.shape == (8, 2, 64) and torch.all(att.sum(-1) <= 1 + 1e-5)  # CLS keeps the rest
-    dense = figures.cls_attention(vit, x)
+    dense = tokenmaps.cls_attention(vit, x)
     assert torch.all((dense.sum(-1) > 0) & (dense.sum(-1) < 1))
     with pytest.raises(UserError):
-        figures.fig5(vit, x)
+        tokenmaps.fig5(vit, x)
 
 
 def test_load_run_model_and_digits():
@@ -90,11 +90,11 @@ def test_load_run_model_and_digits():
     path = jobs.run_dir_for(recipe, 0) / "checkpoint.pt"
     path.parent.mkdir(parents=True)
     torch.save({"model": src.state_dict(), "epoch": 15}, path)
-    model = figures.load_run_model("smoke/tpc", seed=0)
+    model = tokenmaps.load_run_model("smoke/tpc", seed=0)
     assert not model.training and torch.equal(model.pos_embed, src.pos_embed)
     with pytest.raises(UserError, match="no checkpoint"):
-        figures.load_run_model("smoke/tpc", seed=1)
-    x, shown = figures.digits_images(3)
+        tokenmaps.load_run_model("smoke/tpc", seed=1)
+    x, shown = tokenmaps.digits_images(3)
     assert x.shape == (3, 1, 16, 16) and shown.min() >= 0 and shown.max() <= 1
 
 

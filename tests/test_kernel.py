@@ -191,7 +191,7 @@ def test_forcing_triton_without_a_device_fails(monkeypatch):
 
 
 def test_block_bench_runs_on_cpu():
-    from tpcrepro.kernels.bench import stabilizer_block_bench
+    from tpcrepro.kernels.block_cost import stabilizer_block_bench
 
     r = stabilizer_block_bench(batch=2, tokens=9, dim=32, heads=2, kappa=4, dtype=torch.float32, device="cpu",
                                iters=1, repeats=1, warmup=0)
@@ -223,7 +223,7 @@ def test_gpu_gradients(mask):
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_block_bench():
-    from tpcrepro.kernels.bench import stabilizer_block_bench
+    from tpcrepro.kernels.block_cost import stabilizer_block_bench
 
     r = stabilizer_block_bench(batch=32, iters=3, repeats=2, warmup=2)
     assert r["backend"] == "triton" and r["infer_ratio"] > 0

@@ -87,3 +87,27 @@ def test_paper_dry_run_states_gpu_hours():
     assert res.exit_code == 0, res.output
     assert "swin/tpc_swin_t --kind train" in res.output
     assert "A100-class GPU-hours" in res.output
+
+
+def test_a_plan_takes_the_tables_seeds_and_times_speed_side_by_side():
+    from tpcrepro import runner
+
+    p = runner.plan_target("table9", "smoke")
+    assert {j.seed for j in p.jobs} == {0} and p.report_tables == ["table9"] and not p.speed_tables
+    p = runner.plan_target("table4", "smoke", seeds="0,1")
+    assert p.speed_tables == ("table4",) and not [j for j in p.jobs if j.kind == "throughput"]
+    assert {j.seed for j in p.jobs if j.kind == "train"} == {0, 1}
+    assert runner.plan_target("smoke/vit", "smoke", kinds="flops").report_tables == runner.tables.list_tables()
+
+
+def test_a_job_runs_in_this_process_or_under_torchrun_by_its_description():
+    from tpcrepro import runner
+    from tpcrepro.recipe import load_recipe
+
+    train, flops = (runner.Job(load_recipe("smoke/vit"), k, 0) for k in ("train", "flops"))
+    assert runner.invocation(train, runner.Launch()).where == "process"
+    two = runner.Launch(nproc_per_node=2)
+    inv = runner.invocation(train, two, force=True)
+    assert inv.where == "torchrun" and inv.command()[:2] == ["torchrun", "--nproc-per-node=2"] and "--force" in inv.args
+    assert runner.invocation(flops, two).where == "process"  # one process measures
+    assert runner.job_command(flops, two)[:3] == ["tpcrepro", "job", "smoke/vit"]

@@ -89,3 +89,16 @@ def test_method_settings_are_validated(tmp_path):
     for bad in ("tpc: {pause_span: 0}", "tpc: {xi: 2}", "stabilizer: {kappa: 0}", "tpc: {reuse: sometimes}"):
         with pytest.raises(UserError):
             load_recipe(str(write(tmp_path, "r.yaml", f"profile: smoke\n{bad}\n")))
+
+
+def test_a_throughput_job_times_by_the_one_protocol():
+    import dataclasses
+
+    from tpcrepro import speed
+    from tpcrepro.recipe import ThroughputCfg
+
+    names = [f.name for f in dataclasses.fields(speed.Protocol)]
+    assert names == [f.name for f in dataclasses.fields(ThroughputCfg)] + ["device", "compile"]
+    t = load_recipe("smoke/vit", ("throughput.steps=7", "throughput.precision=fp32")).throughput
+    p = speed.Protocol.of(t, "cpu")
+    assert (p.steps, p.precision, p.device, p.batch_size) == (7, "fp32", "cpu", t.batch_size)

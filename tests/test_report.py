@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tpcrepro import records, report, status
 from tpcrepro.recipe import load_recipe
 
@@ -110,3 +112,39 @@ def test_cpu_images_per_sec_never_sit_beside_the_papers():
     latest = records.latest(records.load_records())
     assert report.collect("deit/deit_s", "paper", latest).values["images_per_sec"] == [9000.0]
     assert report.collect("deit/evit_deit_s", "paper", latest) is None
+
+
+def test_current_records_else_older_versions_on_the_same_data_flagged_stale():
+    r = load_recipe("smoke/vit")
+    for seed, top1, h, data in ((0, 80.0, "0123456789ab", "digits"), (1, 70.0, "0123456789ab", "scenes")):
+        rec = _rec("smoke/vit", "train", seed, {"top1": top1}, recipe_hash=h)
+        records.write_record(dataclasses.replace(rec, settings={"data": data}))
+    latest = records.newest()
+    mine, stale = latest.current(r)
+    assert stale and [x.metrics["top1"] for x in mine] == [80.0]  # never another data set's numbers
+    assert latest.current_record(r, "train", 1)[1] and latest.current_record(r, "train", 2) == (None, False)
+    records.write_record(_rec("smoke/vit", "flops", 0, {"macs": 1.0}))
+    latest = records.newest()  # a new file: read, the others not again
+    mine, stale = latest.current(r)
+    assert not stale and [x.kind for x in mine] == ["flops"]
+    assert latest.current_record(r, "flops", 0)[0].metrics == {"macs": 1.0}
+
+
+def test_each_recipe_and_record_is_read_and_hashed_once_per_command(monkeypatch, capsys):
+    import sys
+
+    from tpcrepro import cli, recipe
+
+    records.write_record(_rec("smoke/vit", "train", 0, {"top1": 90.0}))
+    calls = {"parse": [], "hash": [], "read": []}
+    parse, hash_, read = recipe._load, recipe.recipe_hash, records.read_record
+    monkeypatch.setattr(recipe, "_load", lambda p, o: calls["parse"].append((str(p), o)) or parse(p, o))
+    monkeypatch.setattr(recipe, "recipe_hash", lambda r: calls["hash"].append((r.id, r.overrides)) or hash_(r))
+    monkeypatch.setattr(records, "read_record", lambda p: calls["read"].append(str(p)) or read(p))
+    monkeypatch.setattr(recipe, "_loaded", {})
+    monkeypatch.setattr(records, "_parsed", {})
+    monkeypatch.setattr(sys, "argv", ["tpcrepro", "run", "table9", "--profile", "smoke", "--dry-run"])
+    cli.main()
+    assert "job(s) to run" in capsys.readouterr().err
+    for what, seen in calls.items():
+        assert seen and len(seen) == len(set(seen)), what

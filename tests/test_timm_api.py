@@ -27,7 +27,7 @@ def test_pyproject_declares_the_floor_and_the_installed_timm_meets_it():
 
 
 def test_block_and_attention_internals():
-    """models/blocks.py, vit.py, dynamicvit.py, figures.py: the qkv split and proj(norm(·)) of timm's Block."""
+    """models/blocks.py, vit.py, dynamicvit.py, tokenmaps.py: the qkv split and proj(norm(·)) of timm's Block."""
     blk = Block(dim=32, num_heads=4, qkv_bias=True)
     for name in ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"):
         assert hasattr(blk, name), f"Block.{name}"

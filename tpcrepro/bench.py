@@ -267,7 +267,7 @@ PEERS = {"deit_tiny_patch16_224": ("evit_deit_t", "tome_deit_t"), "deit_small_pa
 
 def _replay(model: torch.nn.Module, stats: dict) -> torch.nn.Module:
     """The real forward's per-image, per-layer counts replayed with nothing decided at run time."""
-    if hasattr(model, "stage_tokens"):  # Swin: n_q per block of the TPC stage
+    if isinstance(model, api.StageController):  # Swin: n_q per block of the TPC stage
         return SwinScheduleRunner(model, stats["n_q"], True)
     return ScheduleRunner(model, stats["n_q"], True, model.buckets, kv_counts=stats["n_kv"])
 

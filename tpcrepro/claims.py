@@ -194,7 +194,7 @@ def render(latest: dict) -> str:
 
 def write(out_dir: Optional[Path] = None, latest: Optional[dict] = None) -> Path:
     out_dir = out_dir or paths.results_dir() / "tables"
-    latest = records.latest(records.load_records()) if latest is None else latest
+    latest = records.newest() if latest is None else latest
     path = out_dir / "claims.md"
     records.atomic_write_text(path, render(latest))
     return path

@@ -38,15 +38,6 @@ DataOpt = typer.Option(None, "--data", help="ImageFolder root with train/ and va
 DeviceOpt = typer.Option(None, "--device", help="cuda or cpu (default: cuda when available).")
 
 
-def _seeds(text: Optional[str], profile: str) -> list[int]:
-    if text is None:
-        return [0, 1, 2] if profile == "smoke" else [0]
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}") from None
-
-
 @app.command()
 def run(
     target: str = typer.Argument(..., help="A table (table1 .. table10), 'all', or a recipe id (e.g. smoke/vit)."),
@@ -80,61 +71,16 @@ def run(
 
     Resumable: done jobs are skipped and an interrupted training resumes from its last checkpoint.
     """
-    from tpcrepro import report, runner, tables
+    from tpcrepro import runner
 
-    recipes = runner.target_recipes(target, profile, tuple(set_ or ()))
-    if not recipes:
-        raise UserError(f"{target} has no row tpcrepro can run at profile '{profile}' yet")
-    wanted = None
-    if kinds:
-        wanted = tuple(k.strip() for k in kinds.split(",") if k.strip())
-        bad = [k for k in wanted if k not in ("train", "flops", "throughput")]
-        if bad:
-            raise UserError(f"--kinds takes train, flops, throughput; got '{bad[0]}'")
-    if launcher not in ("local", "slurm", "submitit-local"):
-        raise UserError(f"--launcher is local, slurm or submitit-local, got '{launcher}'")
-    if seeds is None and profile == "smoke" and target in tables.list_tables() and tables.load_table(target).smoke_seeds:
-        seeds = ",".join(map(str, tables.load_table(target).smoke_seeds))  # the table's own default (its cost)
-    jobs = runner.plan(recipes, _seeds(seeds, profile), wanted)
-    speed_tables = [t for t in (tables.list_tables() if target == "all" else [target] if target in tables.list_tables()
-                                else []) if any(c.key == "images_per_sec" for c in tables.load_table(t).columns)]
-    if speed_tables:  # their speed comes from one side-by-side protocol, not from one job per model
-        jobs = [j for j in jobs if j.kind != "throughput"]
     launch = runner.Launch(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
                            rdzv_endpoint=rdzv_endpoint, data=data, device=device)
-    if dry_run:
-        todo = [j for j, _, _ in runner.pending(jobs, force)]
-        runner.run(jobs, launch, force=force, dry_run=True)
-        if profile == "paper":
-            hours, unknown = runner.gpu_hours(todo)
-            typer.echo(f"# {len(todo)} job(s) to run; stated cost {hours:,.1f} A100-class GPU-hours"
-                       + (f" (no cost stated: {', '.join(unknown)})" if unknown else ""), err=True)
-        else:
-            secs, unknown = runner.measured_seconds(todo)
-            fresh, _ = runner.measured_seconds(jobs)
-            typer.echo(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations "
-                       f"(a fresh run of all {len(jobs)}: {fresh / 60:.1f} min)"
-                       + (f"; never run here: {', '.join(unknown)}" if unknown else ""), err=True)
-        return
-    if launcher != "local":
-        cluster = runner.Cluster(folder=slurm_dir, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
-                                 timeout_min=timeout_min, account=account,
-                                 cluster="local" if launcher == "submitit-local" else "slurm")
-        submitted = runner.submit(jobs, cluster, data, force)
-        if launcher == "submitit-local":
-            for rid, sj in submitted:
-                sj.results()
-            report.write_all(table_ids=tables.list_tables() if target == "all" or target not in tables.list_tables() else [target])
-        typer.echo(f"{len(submitted)} job(s) submitted; `tpcrepro list` shows progress, `tpcrepro report` renders the tables")
-        return
-    counts = runner.run(jobs, launch, force=force, dry_run=dry_run, keep_going=keep_going)
-    if wanted is None or "throughput" in wanted:
-        for tid in speed_tables:
-            _speed_protocol(tid, profile, device, force)
-    ids = tables.list_tables() if target == "all" or target not in tables.list_tables() else [target]
-    written = report.write_all(table_ids=ids)
-    typer.echo(f"{counts['done']} run, {counts['skipped']} already done, {counts['failed']} failed; "
-               f"report: {', '.join(str(p) for p in written[:3])}{' ...' if len(written) > 3 else ''}")
+    cluster = runner.Cluster(folder=slurm_dir, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
+                             timeout_min=timeout_min, account=account)
+    summary = runner.run_target(target, profile, launch, launcher, cluster, seeds=seeds, kinds=kinds,
+                                overrides=tuple(set_ or ()), force=force, dry=dry_run, keep_going=keep_going)
+    if summary:
+        typer.echo(summary)
 
 
 @app.command()
@@ -177,9 +123,9 @@ def list_(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
 ) -> None:
     """Show each table row's status per profile: done, missing, failed, stale, quoted, no recipe."""
-    from tpcrepro import status
+    from tpcrepro import runner, status
 
-    rows = status.table_status([profile] if profile else ["smoke", "paper"], lambda p: _seeds(seeds, p))
+    rows = status.table_status([profile] if profile else ["smoke", "paper"], lambda p: runner.parse_seeds(seeds, p))
     if as_json:
         for r in rows:
             typer.echo(json.dumps(r))
@@ -315,36 +261,6 @@ def models(pattern: str = typer.Argument("*", help="Filter, e.g. 'deit*' or '*sm
         typer.echo(name)
 
 
-def _speed_protocol(table_id: str, profile: str, device: Optional[str], force: bool) -> None:
-    """Run a table's side-by-side speed protocol unless its records are there (for the current recipes)."""
-    from tpcrepro import speedtable
-
-    if speedtable.is_done(table_id, profile) and not force:
-        typer.echo(f"{table_id}: speed already measured side by side (--force remeasures)")
-        return
-    typer.echo(f"speed grid: {speedtable.measure(table_id, profile, device)}")
-
-
-FIGURES = ("fig1", "fig4", "fig5", "tradeoff", "samples")
-
-
-def _figure_images(recipe_id: str, n: int, data: Optional[str]):
-    """The first n evaluation images of the recipe's data: (model input, display or None)."""
-    from tpcrepro import figures
-    from tpcrepro.recipe import load_recipe
-
-    r = load_recipe(recipe_id)
-    if r.data.dataset == "digits":
-        return figures.digits_images(n)
-    from tpcrepro import data as data_mod
-
-    val = data_mod.build_datasets(r.data, r.model, data).val
-    import torch
-
-    x = torch.stack([val[i][0] for i in range(min(n, len(val)))])
-    return x, ((x + 1) / 2 if r.data.dataset == "scenes" else None)  # scenes are in [-1, 1]: show their colours
-
-
 @app.command()
 def figure(
     name: str = typer.Argument(..., help="fig1 (CLS attention per layer) | fig4 (top-1 per epoch with and without "
@@ -359,26 +275,9 @@ def figure(
     out: Optional[str] = typer.Option(None, "--out", help="PNG path (default results/figures/<name>.png)."),
 ) -> None:
     """Draw one of the paper's figures (or the trade-off curves) from records and checkpoints, as PNG."""
-    if name not in FIGURES:
-        raise UserError(f"unknown figure '{name}'; choose one of {', '.join(FIGURES)}")
     from tpcrepro import figures
 
-    path = Path(out) if out else None
-    if name == "fig4":
-        written = figures.fig4(profile=profile, out=path)
-    elif name == "tradeoff":
-        written = figures.tradeoff(profile=profile, out=path)
-    elif name == "samples":
-        written = figures.samples(out=path, recipe_id=(recipe or ["smoke/vit"])[0])
-    else:
-        ids = list(recipe or (["smoke/tpc"] if name == "fig5" else ["smoke/vit", "smoke/tpc"]))
-        x, display = _figure_images(ids[-1], images, data)
-        models = {rid: figures.load_run_model(rid, seed) for rid in ids}
-        if name == "fig5":
-            written = figures.fig5(models[ids[-1]], x, path, display=display)
-        else:
-            written = figures.fig1(models, x, path, display=display)
-    typer.echo(str(written))
+    typer.echo(str(figures.draw(name, recipe, seed, images, profile, data, Path(out) if out else None)))
 
 
 @app.command("convert-checkpoint")

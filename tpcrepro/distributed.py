@@ -47,8 +47,3 @@ def all_sum(values: list[float], d: Dist) -> list[float]:
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

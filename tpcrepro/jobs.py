@@ -92,9 +92,8 @@ def _flops(recipe: Recipe) -> tuple[dict, dict]:
 
 
 def _throughput(recipe: Recipe, device: str) -> tuple[dict, dict]:
-    t, m = recipe.throughput, recipe.model
-    p = speed.Protocol(batch_size=t.batch_size, precision=t.precision, warmup=t.warmup, steps=t.steps,
-                       repeats=t.repeats, device=device)
+    m = recipe.model
+    p = speed.Protocol.of(recipe.throughput, device)
     model = static_model(recipe)
     res = speed.compare({m.name: model}, (m.in_chans, m.img_size, m.img_size), p)[m.name]
     return {"images_per_sec": res["images_per_sec"], "latency_ms": res["latency_ms"]}, speed.settings(p)
@@ -180,10 +179,7 @@ def _run_held(recipe: Recipe, kind: str, seed: int, d: distributed.Dist, data_ro
 
 def _write(recipe: Recipe, kind: str, seed: int, status: str, metrics: dict, settings: dict, d: distributed.Dist,
            started: str, t0: float, error: Optional[str]) -> tuple[records.Record, Path]:
-    rec = records.Record(
-        recipe=recipe.id, recipe_hash=recipe.hash, profile=recipe.profile, kind=kind, seed=seed, status=status,
-        metrics=metrics, settings=settings, overrides=list(recipe.overrides),
-        environment=records.environment(d.device), started_at=started,
-        duration_s=round(time.perf_counter() - t0, 3), error=error,
-    )
+    rec = records.new(recipe.id, recipe.hash, recipe.profile, kind, seed=seed, status=status, metrics=metrics,
+                      settings=settings, overrides=recipe.overrides, device=d.device, started_at=started,
+                      duration_s=round(time.perf_counter() - t0, 3), error=error)
     return rec, records.write_record(rec)

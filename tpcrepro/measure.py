@@ -195,9 +195,7 @@ def write_bench_record(out: dict) -> Path:
 
     s = out["settings"]
     metrics = {k: v for k, v in out.items() if k not in ("settings", "model", "backbone", "baseline")}
-    rec = records.Record(
-        recipe=f"bench/{out['model']}", recipe_hash="-", profile="bench", kind="throughput", seed=0, status="done",
-        metrics=metrics, settings={**s, "backbone": out.get("backbone"), "baseline": out.get("baseline")}, overrides=[],
-        environment=records.environment(s["device"]), started_at=records.now_iso(), duration_s=0.0,
-    )
+    rec = records.new(f"bench/{out['model']}", "-", "bench", "throughput", metrics=metrics,
+                      settings={**s, "backbone": out.get("backbone"), "baseline": out.get("baseline")},
+                      device=s["device"])
     return records.write_record(rec)

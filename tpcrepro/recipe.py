@@ -8,8 +8,11 @@ are applied after the base merge and are part of the recipe's hash.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
+import os
 import json
 import types
 import typing
@@ -19,12 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
-from tpcrepro import paths
+from tpcrepro import methods, paths
 from tpcrepro.errors import UserError
-from tpcrepro.models.controller import TPCCfg
-from tpcrepro.models.dynamicvit import DynamicViTCfg
-from tpcrepro.models.evit import EViTCfg
-from tpcrepro.models.tome import ToMeCfg
 from tpcrepro.scenes import ScenesCfg
 
 PROFILES = ("smoke", "paper")
@@ -103,6 +102,8 @@ class EvalCfg:
 
 @dataclass(frozen=True)
 class ThroughputCfg:
+    """A `throughput` job's timing settings: the fields of speed.Protocol, which adds the device and compile."""
+
     batch_size: int = 256
     precision: str = "bf16"  # bf16 | fp32
     warmup: int = 10
@@ -120,33 +121,38 @@ class StabilizerCfg:
             raise ValueError(f"stabilizer.kappa must be at least 1 (or null for dense attention), got {self.kappa}")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    profile: str
-    description: str = ""
-    seed: int = 0
-    jobs: tuple = ("train", "flops")
-    cost_gpu_hours: Optional[float] = None  # stated cost of all its jobs in A100-class GPU-hours (`run --dry-run` sums)
-    model: ModelCfg = field(default_factory=ModelCfg)
-    data: DataCfg = field(default_factory=DataCfg)
-    train: TrainCfg = field(default_factory=TrainCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
-    throughput: ThroughputCfg = field(default_factory=ThroughputCfg)
-    tpc: TPCCfg = field(default_factory=TPCCfg)  # also A-ViT's configuration of the same controller
-    evit: EViTCfg = field(default_factory=EViTCfg)
-    dynamicvit: DynamicViTCfg = field(default_factory=DynamicViTCfg)
-    tome: ToMeCfg = field(default_factory=ToMeCfg)
-    stabilizer: StabilizerCfg = field(default_factory=StabilizerCfg)
-    # Filled by the loader, not by YAML.
-    id: str = ""
-    overrides: tuple = ()
-
-    @property
-    def hash(self) -> str:
+class _RecipeMethods:
+    @functools.cached_property
+    def hash(self) -> str:  # computed once per recipe (a frozen dataclass: it cannot change)
         return recipe_hash(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The recipe's sections in order; each method's own section (tpcrepro.methods: tpc, also A-ViT's configuration
+# of the same controller, evit, dynamicvit, tome) comes from the methods table, so a new method adds none here.
+_FIELDS = [
+    ("profile", str),
+    ("description", str, field(default="")),
+    ("seed", int, field(default=0)),
+    ("jobs", tuple, field(default=("train", "flops"))),
+    # stated cost of all its jobs in A100-class GPU-hours (`run --dry-run` sums)
+    ("cost_gpu_hours", Optional[float], field(default=None)),
+    ("model", ModelCfg, field(default_factory=ModelCfg)),
+    ("data", DataCfg, field(default_factory=DataCfg)),
+    ("train", TrainCfg, field(default_factory=TrainCfg)),
+    ("eval", EvalCfg, field(default_factory=EvalCfg)),
+    ("throughput", ThroughputCfg, field(default_factory=ThroughputCfg)),
+    *[(name, cfg, field(default_factory=cfg)) for name, cfg in methods.sections().items()],
+    ("stabilizer", StabilizerCfg, field(default_factory=StabilizerCfg)),
+    # Filled by the loader, not by YAML.
+    ("id", str, field(default="")),
+    ("overrides", tuple, field(default=())),
+]
+Recipe = dataclasses.make_dataclass("Recipe", _FIELDS, bases=(_RecipeMethods,), frozen=True)
+Recipe.__module__ = __name__  # pickles as tpcrepro.recipe.Recipe
+Recipe.__doc__ = "A validated recipe: the sections above, each a frozen dataclass of its keys."
 
 
 def _non_default(d: dict, default: dict) -> dict:
@@ -200,16 +206,26 @@ def recipe_id_of(path: Path) -> str:
         return str(path.with_suffix(""))
 
 
+_yaml_read: dict[str, tuple[tuple, dict]] = {}  # path -> ((inode, size, mtime), its mapping): a shared base is read once
+
+
 def _read_yaml(path: Path) -> dict:
+    """The file's mapping (a fresh copy: the loader changes it)."""
     if not path.exists():
         raise UserError(f"recipe file {path} does not exist; see `tpcrepro recipes` for the available ids")
+    st = path.stat()
+    sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _yaml_read.get(str(path))
+    if hit is not None and hit[0] == sig:
+        return copy.deepcopy(hit[1])
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the syntax") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping of recipe keys")
-    return data
+    _yaml_read[str(path)] = (sig, data)
+    return copy.deepcopy(data)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -246,8 +262,46 @@ def _apply_override(data: dict, keys: list[str], value: Any) -> dict:
 MAX_BASE_DEPTH = 4
 
 
+_loaded: dict[tuple, tuple[tuple, Recipe]] = {}  # (path, overrides, recipes dir) -> (its files' stats, recipe)
+_loading: set = set()  # the recipes whose init_from is being loaded (a loop of init_from stops there)
+
+
+def _stats(chain: list[Path]) -> tuple:
+    """What tells whether a recipe's files changed: each one's inode, size and mtime."""
+    out = []
+    for p in chain:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return ()
+        out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def load_recipe(recipe_id: str, overrides: tuple[str, ...] | list[str] = ()) -> Recipe:
+    """The recipe, base chain merged and overrides applied; read once per process while its files stay the same."""
     path = recipe_path(recipe_id)
+    key = (str(path), tuple(overrides), str(paths.recipes_dir()))
+    hit = _loaded.get(key)
+    if hit is not None and hit[0] and _stats([Path(p) for p, *_ in hit[0]]) == hit[0]:
+        return hit[1]
+    recipe, chain = _load(path, tuple(overrides))
+    stats = _stats(chain)
+    dep_key = (str(recipe_path(recipe.model.init_from)), (), str(paths.recipes_dir())) if recipe.model.init_from else None
+    if dep_key and stats:  # its hash includes the base run's recipe: a change there counts too
+        if dep_key != key and dep_key not in _loading:
+            _loading.add(key)
+            try:
+                load_recipe(recipe.model.init_from)
+            finally:
+                _loading.discard(key)
+        dep = _loaded.get(dep_key)
+        stats = stats + dep[0] if dep and dep[0] else ()  # () is never equal to a fresh stat: not cached
+    _loaded[key] = (stats, recipe)
+    return recipe
+
+
+def _load(path: Path, overrides: tuple[str, ...]) -> tuple[Recipe, list[Path]]:
     data = _read_yaml(path)
     chain, here = [path.resolve()], path
     while (base_name := data.pop("base", None)) is not None:
@@ -264,7 +318,7 @@ def load_recipe(recipe_id: str, overrides: tuple[str, ...] | list[str] = ()) -> 
         keys, value = parse_override(text)
         data = _apply_override(data, keys, value)
     recipe = build(Recipe, data, str(path), prefix="")
-    return dataclasses.replace(recipe, id=recipe_id_of(path), overrides=tuple(overrides))
+    return dataclasses.replace(recipe, id=recipe_id_of(path), overrides=tuple(overrides)), chain
 
 
 # ---------------------------------------------------------------- validation
@@ -320,7 +374,7 @@ def build(cls: type, data: dict, source: str, prefix: str) -> Any:
 
 
 # (low, high, low_open, high_open); None = unbounded. Checked when a value enters, one line naming the key.
-_GE0, _GE1, _GT0, _UNIT = (0, None, False, False), (1, None, False, False), (0, None, True, False), (0, 1, False, False)
+_GE0, _GE1, _GT0, _UNIT = methods.GE0, methods.GE1, methods.GT0, methods.UNIT
 RANGES: dict[type, dict[str, tuple]] = {
     ModelCfg: {"num_classes": _GE1, "img_size": _GE1, "in_chans": _GE1, "drop_path": _UNIT},
     AugCfg: {"color_jitter": _GE0, "hflip": _UNIT, "re_prob": _UNIT, "mixup": _GE0, "cutmix": _GE0,
@@ -332,12 +386,7 @@ RANGES: dict[type, dict[str, tuple]] = {
     EvalCfg: {"batch_size": _GE1},
     ThroughputCfg: {"batch_size": _GE1, "warmup": _GE0, "steps": _GE1, "repeats": _GE1},
     StabilizerCfg: {"kappa": _GE1},
-    TPCCfg: {"xi": _UNIT, "delta": (0, 1, True, True), "pause_span": _GE1, "target_depth": _GT0,
-             "phi_p": _GE0, "phi_d": _GE0},
-    EViTCfg: {"keep_rate": (0, 1, True, False), "shrink_start": _GE0, "shrink_epochs": _GE0},
-    DynamicViTCfg: {"keep_rate": (0, 1, True, False), "ratio_weight": _GE0, "cls_distill_weight": _GE0,
-                    "token_distill_weight": _GE0, "backbone_lr_scale": _GE0, "freeze_epochs": _GE0, "tau": _GT0},
-    ToMeCfg: {"r": _GE0},
+    **methods.ranges(),
 }
 
 

@@ -1,7 +1,11 @@
 """Run records: one flat JSON file per measurement, written atomically.
 
 Records are append-only: a rerun writes a new file and the newest valid one
-for a (recipe, profile, kind, seed) key wins.
+for a (recipe, profile, kind, seed) key wins. A process reads each file once
+(`load_records` keeps what it parsed, keyed by the file's inode, size and
+mtime), and `newest()` is the one query the report, the figures, the claims,
+`list` and `run` ask: the newest record per key, with `current()` (a recipe's
+records of its current hash, else its older ones flagged stale).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable
+from typing import IO, Any, Callable, Iterable, Optional
 
 from tpcrepro import __version__, cpu, paths
 
@@ -138,6 +142,15 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
 
+def new(recipe: str, recipe_hash: str, profile: str, kind: str, *, metrics: dict, settings: dict, device: str,
+        started_at: Optional[str] = None, duration_s: float = 0.0, seed: int = 0, status: str = "done",
+        overrides: Iterable[str] = (), error: Optional[str] = None) -> Record:
+    """A record of a measurement this process made on `device`, its environment (commit, versions, CPU) filled in."""
+    return Record(recipe=recipe, recipe_hash=recipe_hash, profile=profile, kind=kind, seed=seed, status=status,
+                  metrics=metrics, settings=settings, overrides=list(overrides), environment=environment(device),
+                  started_at=started_at or now_iso(), duration_s=duration_s, error=error)
+
+
 def write_record(record: Record, directory: Path | None = None) -> Path:
     directory = directory or paths.records_dir()
     stamp = record.started_at.replace(":", "").replace("-", "")
@@ -180,24 +193,83 @@ def read_record(p: Path) -> Record:
     return Record(**{**d, "path": str(p)})
 
 
+_parsed: dict[str, tuple[tuple, Record | str]] = {}  # path -> ((inode, size, mtime), the record or what is wrong)
+
+
 def load_records(directory: Path | None = None) -> list[Record]:
-    """Every record in the folder; a damaged or incomplete file gets one warning line on stderr (once) and is left out."""
+    """Every record in the folder; a damaged or incomplete file gets one warning line on stderr (once) and is left out.
+
+    Each file is read once per process: a file whose inode, size and mtime are unchanged is not read again.
+    """
     directory = directory or paths.records_dir()
     out = []
     for p in sorted(directory.glob("*.json")):
         try:
-            out.append(read_record(p))
-        except ValueError as e:
-            key = (str(p), p.stat().st_mtime_ns if p.exists() else 0)
-            if key not in _warned:
-                _warned.add(key)
-                print(f"warning: skipping record {p}: {e}", file=sys.stderr)
+            st = p.stat()
+        except OSError:  # removed since the listing
+            continue
+        sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = _parsed.get(str(p))
+        if hit is None or hit[0] != sig:
+            try:
+                hit = (sig, read_record(p))
+            except ValueError as e:
+                hit = (sig, str(e))
+            _parsed[str(p)] = hit
+        if isinstance(hit[1], Record):
+            out.append(hit[1])
+        elif (str(p), st.st_mtime_ns) not in _warned:
+            _warned.add((str(p), st.st_mtime_ns))
+            print(f"warning: skipping record {p}: {hit[1]}", file=sys.stderr)
     return out
 
 
-def latest(records: Iterable[Record], only_done: bool = True) -> dict[tuple, Record]:
+class Latest(dict):
+    """The newest record per (recipe, profile, kind, seed, recipe hash), with the queries by recipe (not to be changed
+    after a query: the index by recipe is built once)."""
+
+    def of(self, recipe_id: str, profile: str) -> list[Record]:
+        """A recipe's records at a profile, every kind, seed and hash, in the order of their keys as text."""
+        if not hasattr(self, "_by_recipe"):
+            groups: dict[tuple, list] = {}
+            for k, r in sorted(self.items(), key=lambda kv: str(kv[0])):
+                groups.setdefault(k[:2], []).append(r)
+            self._by_recipe = groups
+        return self._by_recipe.get((recipe_id, profile), [])
+
+    def current(self, recipe: Any, profile: Optional[str] = None, kinds: Optional[tuple] = None,
+                same_data: bool = True) -> tuple[list[Record], bool]:
+        """(records, stale): a recipe's newest records of its current hash (of `kinds`, default every kind).
+
+        A recipe with none of its current version: the newest per (kind, seed) among older versions, stale=True;
+        with same_data, only those measured on the recipe's data set now (never another data set's numbers).
+        """
+        profile = profile or recipe.profile
+        mine = [r for r in self.of(recipe.id, profile) if kinds is None or r.kind in kinds]
+        now = [r for r in mine if r.recipe_hash == recipe.hash]
+        if now:
+            return now, False
+        newest: dict = {}
+        for r in mine:
+            if same_data and r.settings.get("data") != recipe.data.dataset:
+                continue
+            k = (r.kind, r.seed)
+            if k not in newest or r.started_at > newest[k].started_at:
+                newest[k] = r
+        return [newest[k] for k in sorted(newest)], bool(newest)
+
+    def current_record(self, recipe: Any, kind: str, seed: int) -> tuple[Optional[Record], bool]:
+        """(record, stale) of one job: its newest record of the current hash, else of another hash (stale), else None."""
+        key = (recipe.id, recipe.profile, kind, seed, recipe.hash)
+        if key in self:
+            return self[key], False
+        older = [r for r in self.of(recipe.id, recipe.profile) if r.kind == kind and r.seed == seed]
+        return (max(older, key=lambda r: (r.started_at, r.path or "")), True) if older else (None, False)
+
+
+def latest(records: Iterable[Record], only_done: bool = True) -> Latest:
     """Newest record per (recipe, profile, kind, seed, recipe hash); by default only successful ones."""
-    best: dict[tuple, Record] = {}
+    best = Latest()
     for r in records:
         if only_done and r.status != "done":
             continue
@@ -205,3 +277,17 @@ def latest(records: Iterable[Record], only_done: bool = True) -> dict[tuple, Rec
         if k not in best or (r.started_at, r.path or "") > (best[k].started_at, best[k].path or ""):
             best[k] = r
     return best
+
+
+_newest: dict[tuple, Latest] = {}
+
+
+def newest(directory: Path | None = None, only_done: bool = True) -> Latest:
+    """latest(load_records(directory)), computed once while the folder's files stay the same."""
+    recs = load_records(directory)
+    sig = (only_done, tuple((r.path, _parsed[r.path][0]) for r in recs))
+    if sig not in _newest:
+        if len(_newest) > 8:  # another folder or changed files: the old ones are not asked again
+            _newest.clear()
+        _newest[sig] = latest(recs, only_done)
+    return _newest[sig]

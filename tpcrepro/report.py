@@ -56,19 +56,10 @@ def _fmt_hash_commit(recs: list[records.Record]) -> str:
     return f"@{recs[0].recipe_hash} (git {','.join(commits)})"
 
 
-def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
+def collect(recipe_id: str, profile: str, latest: records.Latest) -> Optional[Ours]:
+    """Our numbers of a recipe: its current records, else the newest of older versions on the same data (stale)."""
     recipe = load_recipe(recipe_id)
-    mine = [r for k, r in sorted(latest.items(), key=lambda kv: str(kv[0])) if k[0] == recipe_id and k[1] == profile]
-    current = [r for r in mine if r.recipe_hash == recipe.hash]
-    if current:
-        mine = current
-    else:  # only records of other recipe versions: show the newest per (kind, seed), marked stale
-        newest: dict = {}
-        for r in (r for r in mine if same_data(r, recipe)):  # never another data set's numbers in this column
-            k = (r.kind, r.seed)
-            if k not in newest or r.started_at > newest[k].started_at:
-                newest[k] = r
-        mine = [newest[k] for k in sorted(newest)]
+    mine, stale = latest.current(recipe, profile)
     if profile == "paper":  # a CPU's images/s is no ImageNet-scale speed: kept in its record, not put beside the paper's
         mine = [r for r in mine if not (r.kind == "throughput" and str(r.settings.get("device", "")).startswith("cpu"))]
     if not mine:
@@ -82,13 +73,7 @@ def collect(recipe_id: str, profile: str, latest: dict) -> Optional[Ours]:
                 break
     seeds = sorted({r.seed for r in mine if r.kind == "train"})
     seed_txt = f" seeds {','.join(map(str, seeds))}" if seeds else ""
-    return Ours(values=values, source=f"`{recipe_id}`{seed_txt} {_fmt_hash_commit(mine)}",
-                stale=any(r.recipe_hash != recipe.hash for r in mine))
-
-
-def same_data(rec: records.Record, recipe) -> bool:
-    """Whether a record was measured on the recipe's data set now (a record that does not say: not shown as stale)."""
-    return rec.settings.get("data") == recipe.data.dataset
+    return Ours(values=values, source=f"`{recipe_id}`{seed_txt} {_fmt_hash_commit(mine)}", stale=stale)
 
 
 def fmt(vals: Optional[list], digits: int = 1) -> str:
@@ -201,7 +186,7 @@ def render(spec: tables.TableSpec, latest: dict) -> str:
 
 def write_all(out_dir: Optional[Path] = None, table_ids: Optional[list[str]] = None) -> list[Path]:
     out_dir = out_dir or paths.results_dir() / "tables"
-    latest = records.latest(records.load_records())
+    latest = records.newest()
     written = []
     for tid in table_ids or tables.list_tables():
         path = out_dir / f"{tid}.md"
@@ -220,7 +205,7 @@ README_BLOCK = re.compile(r"(<!-- generated: (\w+) -->\n)(.*?)(<!-- /generated -
 def update_readme(path: Path) -> int:
     """Refill the README's generated blocks (<!-- generated: TABLE --> … <!-- /generated -->) with each table's
     smoke-scale frame, as `report` renders it. Returns how many blocks were filled."""
-    latest = records.latest(records.load_records())
+    latest = records.newest()
     text = path.read_text()
     count = 0
 

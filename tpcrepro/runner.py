@@ -1,9 +1,11 @@
 """Plan the jobs a table (or recipe) needs, skip the done ones, launch the rest.
 
-Training jobs on several processes go through torchrun (one machine with
---nproc-per-node, several with torchrun's rendezvous options); everything
-else runs in this process. On a Slurm cluster, `submit` sends one job per
-recipe (row) through submitit instead, as DeiT's own scripts do.
+`run_target` is what `tpcrepro run` does: `plan_target` (the recipes, seeds
+and job kinds of a target, once), then one launcher: `dry_run` (print),
+`run_local` (training jobs on several processes go through torchrun, one
+machine with --nproc-per-node, several with torchrun's rendezvous options;
+everything else runs in this process) or `run_cluster` (on a Slurm cluster,
+one job per recipe, i.e. per row, through submitit, as DeiT's own scripts do).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import submitit.helpers
@@ -19,7 +21,7 @@ import submitit.helpers
 from tpcrepro import records, tables
 from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
-from tpcrepro.recipe import Recipe, load_recipe, recipe_path
+from tpcrepro.recipe import JOB_KINDS, Recipe, load_recipe, recipe_path
 
 SEED_FREE_KINDS = ("flops", "throughput")  # measured once, not per seed
 
@@ -38,14 +40,35 @@ class Job:
 
 @dataclass(frozen=True)
 class Launch:
+    """Where the local launcher runs training jobs (torchrun's processes and nodes) and on what."""
+
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: Optional[int] = None
     rdzv_endpoint: Optional[str] = None
-    rdzv_id: Optional[str] = None
     data: Optional[str] = None
     device: Optional[str] = None
-    extra: tuple = field(default_factory=tuple)
+
+    @property
+    def distributed(self) -> bool:
+        return self.nproc_per_node > 1 or self.nnodes > 1
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """How one job runs: `where` is "process" (run_job in this process) or "torchrun" (processes it starts)."""
+
+    job: Job
+    where: str
+    args: tuple  # the `tpcrepro` arguments: job <recipe> --kind ... --seed ...
+    torchrun: tuple = ()  # torchrun's own arguments (where == "torchrun")
+    force: bool = False
+
+    def command(self) -> list[str]:
+        """The command line a user would type (what --dry-run prints)."""
+        if self.where == "process":
+            return ["tpcrepro", *self.args]
+        return ["torchrun", *self.torchrun, "-m", "tpcrepro", *self.args]
 
 
 def target_recipes(target: str, profile: str, overrides: tuple = ()) -> list[Recipe]:
@@ -100,25 +123,24 @@ def plan(recipes: list[Recipe], seeds: list[int], kinds: Optional[tuple] = None)
     return out
 
 
-def job_status(job: Job, latest_any: dict, latest_done: dict) -> str:
+def job_status(job: Job, latest_any: records.Latest, latest_done: records.Latest) -> str:
     """done | failed | stale (done only for another recipe version) | missing."""
-    key = (job.recipe.id, job.recipe.profile, job.kind, job.seed, job.recipe.hash)
-    if key in latest_done:
+    rec, stale = latest_done.current_record(job.recipe, job.kind, job.seed)
+    if rec is not None and not stale:
         return "done"
-    last = latest_any.get(key)
+    last = latest_any.get((job.recipe.id, job.recipe.profile, job.kind, job.seed, job.recipe.hash))
     if last is not None and last.status == "failed":
         return "failed"
-    return "stale" if any(k[:4] == key[:4] for k in latest_done) else "missing"
+    return "stale" if rec is not None else "missing"
 
 
 def statuses(jobs: list[Job]) -> list[tuple[Job, str]]:
-    recs = records.load_records()
-    any_, done = records.latest(recs, only_done=False), records.latest(recs)
+    any_, done = records.newest(only_done=False), records.newest()
     return [(j, job_status(j, any_, done)) for j in jobs]
 
 
-def job_command(job: Job, launch: Launch, force: bool = False) -> list[str]:
-    """The command line that runs one job: `tpcrepro job ...`, under torchrun when it spans processes."""
+def invocation(job: Job, launch: Launch, force: bool = False) -> Invocation:
+    """How `job` runs: under torchrun when it is a training that spans processes, else in this process."""
     args = ["job", job.recipe.id, "--kind", job.kind, "--seed", str(job.seed)] + (["--force"] if force else [])
     for o in job.recipe.overrides:
         args += ["--set", o]
@@ -126,27 +148,32 @@ def job_command(job: Job, launch: Launch, force: bool = False) -> list[str]:
         args += ["--data", launch.data]
     if launch.device:
         args += ["--device", launch.device]
-    if job.kind != "train" or (launch.nproc_per_node == 1 and launch.nnodes == 1):
-        return ["tpcrepro", *args]
-    run = ["torchrun", f"--nproc-per-node={launch.nproc_per_node}"]
+    if job.kind != "train" or not launch.distributed:
+        return Invocation(job, "process", tuple(args), force=force)
+    run = [f"--nproc-per-node={launch.nproc_per_node}"]
     if launch.nnodes > 1:
         run += [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}"]
-        run += [f"--rdzv-id={launch.rdzv_id or job.recipe.id.replace('/', '_')}"]
+        run += [f"--rdzv-id={job.recipe.id.replace('/', '_')}"]
         if launch.node_rank is not None:
             run += [f"--node-rank={launch.node_rank}"]
-    return [*run, *launch.extra, "-m", "tpcrepro", *args]
+    return Invocation(job, "torchrun", tuple(args), tuple(run), force)
+
+
+def job_command(job: Job, launch: Launch, force: bool = False) -> list[str]:
+    """The command line that runs one job: `tpcrepro job ...`, under torchrun when it spans processes."""
+    return invocation(job, launch, force).command()
 
 
 def execute(job: Job, launch: Launch, force: bool = False) -> None:
-    cmd = job_command(job, launch, force)
-    if cmd[0] == "tpcrepro":
+    inv = invocation(job, launch, force)
+    if inv.where == "process":
         from tpcrepro.jobs import run_job
 
         run_job(job.recipe, job.kind, job.seed, data_root=launch.data, device=launch.device, force=force)
         return
     if launch.nnodes > 1 and not launch.rdzv_endpoint:
         raise UserError("several nodes need --rdzv-endpoint HOST:PORT (the same on every node)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", *cmd[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *inv.torchrun, "-m", "tpcrepro", *inv.args]
     log(f"launching: {shlex.join(cmd)}")
     proc = subprocess.Popen(cmd)
     try:
@@ -254,6 +281,129 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
                 raise
             log(f"[red]failed[/] {job.label}: {e}")
     return counts
+
+
+# ---------------------------------------------------------------- `tpcrepro run`: plan, then launch
+
+LAUNCHERS = ("local", "slurm", "submitit-local")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `run TARGET` does: the jobs in order, the tables timed side by side, the tables rendered after."""
+
+    target: str
+    profile: str
+    jobs: list
+    kinds: Optional[tuple]  # only these job kinds (None: every kind a recipe lists)
+    speed_tables: tuple  # tables whose speed column comes from one side-by-side protocol, not one job per model
+    report_tables: list  # the tables `report` renders when the jobs are done
+
+
+def parse_seeds(text: Optional[str], profile: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; None: 0, 1, 2 for smoke, 0 for paper."""
+    if text is None:
+        return [0, 1, 2] if profile == "smoke" else [0]
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def parse_kinds(text: Optional[str]) -> Optional[tuple]:
+    if not text:
+        return None
+    wanted = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in wanted if k not in JOB_KINDS]
+    if bad:
+        raise UserError(f"--kinds takes {', '.join(JOB_KINDS)}; got '{bad[0]}'")
+    return wanted
+
+
+def plan_target(target: str, profile: str, seeds: Optional[str] = None, kinds: Optional[str] = None,
+                overrides: tuple = ()) -> Plan:
+    """The recipes a target needs, their jobs for the seeds (default: the table's own smoke seeds, its cost)."""
+    recipes = target_recipes(target, profile, overrides)
+    if not recipes:
+        raise UserError(f"{target} has no row tpcrepro can run at profile '{profile}' yet")
+    wanted = parse_kinds(kinds)
+    all_tables = tables.list_tables()
+    specs = {t: tables.load_table(t) for t in (all_tables if target == "all" else [target] if target in all_tables else [])}
+    if seeds is None and profile == "smoke" and target in specs and specs[target].smoke_seeds:
+        seeds = ",".join(map(str, specs[target].smoke_seeds))
+    jobs = plan(recipes, parse_seeds(seeds, profile), wanted)
+    speed = tuple(t for t, spec in specs.items() if any(c.key == "images_per_sec" for c in spec.columns))
+    if speed:  # their speed comes from one side-by-side protocol, not from one job per model
+        jobs = [j for j in jobs if j.kind != "throughput"]
+    report_tables = [target] if target in all_tables else all_tables
+    return Plan(target, profile, jobs, wanted, speed, report_tables)
+
+
+def dry_run(p: Plan, launch: Launch, force: bool = False) -> None:
+    """Print the commands of the jobs that would run (stdout) and what they cost (stderr)."""
+    todo = [j for j, _, _ in pending(p.jobs, force)]
+    run(p.jobs, launch, force=force, dry_run=True)
+    if p.profile == "paper":
+        hours, unknown = gpu_hours(todo)
+        print(f"# {len(todo)} job(s) to run; stated cost {hours:,.1f} A100-class GPU-hours"
+              + (f" (no cost stated: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
+    else:
+        secs, unknown = measured_seconds(todo)
+        fresh, _ = measured_seconds(p.jobs)
+        print(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations "
+              f"(a fresh run of all {len(p.jobs)}: {fresh / 60:.1f} min)"
+              + (f"; never run here: {', '.join(unknown)}" if unknown else ""), file=sys.stderr)
+
+
+def speed_protocol(table_id: str, profile: str, device: Optional[str], force: bool) -> None:
+    """Run a table's side-by-side speed protocol unless its records are there (for the current recipes)."""
+    from tpcrepro import speedtable
+
+    if speedtable.is_done(table_id, profile) and not force:
+        print(f"{table_id}: speed already measured side by side (--force remeasures)")
+        return
+    print(f"speed grid: {speedtable.measure(table_id, profile, device)}")
+
+
+def run_local(p: Plan, launch: Launch, force: bool = False, keep_going: bool = False) -> str:
+    """The jobs on this machine, then the speed protocols and the report. Returns the summary line."""
+    from tpcrepro import report
+
+    counts = run(p.jobs, launch, force=force, keep_going=keep_going)
+    if p.kinds is None or "throughput" in p.kinds:
+        for tid in p.speed_tables:
+            speed_protocol(tid, p.profile, launch.device, force)
+    written = report.write_all(table_ids=p.report_tables)
+    return (f"{counts['done']} run, {counts['skipped']} already done, {counts['failed']} failed; "
+            f"report: {', '.join(str(x) for x in written[:3])}{' ...' if len(written) > 3 else ''}")
+
+
+def run_cluster(p: Plan, cluster: "Cluster", data: Optional[str], force: bool = False) -> str:
+    """One submitit job per recipe; with the local executor, wait for them and render the report."""
+    submitted = submit(p.jobs, cluster, data, force)
+    if cluster.cluster == "local":
+        from tpcrepro import report
+
+        for _, sj in submitted:
+            sj.results()
+        report.write_all(table_ids=p.report_tables)
+    return f"{len(submitted)} job(s) submitted; `tpcrepro list` shows progress, `tpcrepro report` renders the tables"
+
+
+def run_target(target: str, profile: str, launch: Launch, launcher: str = "local", cluster: Optional["Cluster"] = None,
+               seeds: Optional[str] = None, kinds: Optional[str] = None, overrides: tuple = (), force: bool = False,
+               dry: bool = False, keep_going: bool = False) -> Optional[str]:
+    """`tpcrepro run`: plan the target, then print the plan, run it here, or submit it. Returns the summary line."""
+    p = plan_target(target, profile, seeds, kinds, overrides)
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher is local, slurm or submitit-local, got '{launcher}'")
+    if dry:
+        dry_run(p, launch, force)
+        return None
+    if launcher != "local":
+        cluster = replace(cluster or Cluster(), cluster="local" if launcher == "submitit-local" else "slurm")
+        return run_cluster(p, cluster, launch.data, force)
+    return run_local(p, launch, force, keep_going)
 
 
 # ---------------------------------------------------------------- Slurm (submitit)

@@ -1,4 +1,4 @@
-"""Throughput by one protocol (MEASURE.md).
+"""Throughput by one protocol (docs/measure.md).
 
 Eval mode, inference mode, random input already on the device, warm-up
 steps, then timed steps between device syncs (CUDA events on GPU), median
@@ -9,6 +9,7 @@ and drift hits all of them alike. Never times the data pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from contextlib import nullcontext
@@ -19,17 +20,20 @@ import torch
 import torch.nn as nn
 
 from tpcrepro.records import device_name
+from tpcrepro.recipe import ThroughputCfg
 
 
 @dataclass(frozen=True)
-class Protocol:
-    batch_size: int = 256
-    precision: str = "bf16"  # bf16 | fp32
-    warmup: int = 10
-    steps: int = 30
-    repeats: int = 5
+class Protocol(ThroughputCfg):
+    """A recipe's `throughput:` settings (batch, precision, warm-up, steps, repeats) and where they run."""
+
     device: str = "cuda"
     compile: bool = False
+
+    @classmethod
+    def of(cls, t: ThroughputCfg, device: str) -> "Protocol":
+        """A recipe's throughput settings on a device."""
+        return cls(**dataclasses.asdict(t), device=device)
 
     @classmethod
     def cpu_default(cls, **kw) -> "Protocol":

@@ -82,7 +82,7 @@ def build(e: Entry, base_macs: float, batch: int) -> tuple[torch.nn.Module, str,
     model = jobs.static_model(r).eval()
     if not api.is_adaptive(model):
         return model, "random weights (fixed schedule)", None
-    if not e.target_gmacs or not hasattr(model, "dims"):
+    if not e.target_gmacs or not isinstance(model, api.ViTController):
         raise UserError(f"{r.id}: no finished run to time and no MACs to benchmark it at; train it first")
     target = e.target_gmacs * (1e9 if r.profile == "paper" else base_macs)
     dims = model.dims
@@ -145,12 +145,12 @@ def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] 
         rows.append(row)
         if write:
             p0 = grid(device, full)[0]
-            rec = records.Record(
-                recipe=rid, recipe_hash=e.recipe.hash, profile=profile, kind="throughput", seed=0, status="done",
+            rec = records.new(
+                rid, e.recipe.hash, profile, "throughput",
                 metrics={k: row[k] for k in ("images_per_sec", "ratio", "latency_ms", "grid")},
                 settings={**speed.settings(p0), "protocol": f"{table_id} side by side", "baseline": base.recipe.id,
                           "source": sources[rid], "headline": first, "cpu": not device.startswith("cuda")},
-                overrides=list(e.recipe.overrides), environment=records.environment(device), started_at=started,
+                overrides=e.recipe.overrides, device=device, started_at=started,
                 duration_s=round(time.perf_counter() - t0, 3))
             records.write_record(rec)
     return rows
@@ -171,9 +171,10 @@ def markdown(rows: list[dict], device_name: str) -> str:
 def is_done(table_id: str, profile: str) -> bool:
     """Whether every model of the table has a side-by-side throughput record of its current recipe version."""
     items, _ = entries(table_id, profile)
-    latest = records.latest(records.load_records())
-    keys = [(e.recipe.id, profile, "throughput", 0, e.recipe.hash) for e in items]
-    return all(k in latest and "side by side" in latest[k].settings.get("protocol", "") for k in keys)
+    latest = records.newest()
+    found = [latest.current_record(e.recipe, "throughput", 0) for e in items]
+    return all(rec is not None and not stale and "side by side" in rec.settings.get("protocol", "")
+               for rec, stale in found)
 
 
 def measure(table_id: str, profile: str, device: Optional[str] = None) -> Path:

@@ -21,8 +21,7 @@ def row_status(row: tables.Row, profile: str, seeds: list[int], any_: dict, done
 
 
 def table_status(profiles: list[str], seeds_for: Callable[[str], list[int]]) -> list[dict]:
-    recs = records.load_records()
-    any_, done = records.latest(recs, only_done=False), records.latest(recs)
+    any_, done = records.newest(only_done=False), records.newest()
     out = []
     for spec in tables.load_all():
         for row in spec.rows:

@@ -8,11 +8,11 @@ from typing import Any, Optional
 
 import yaml
 
-from tpcrepro import paths
+from tpcrepro import methods, paths
 from tpcrepro.errors import UserError
 
 COLUMN_KEYS = ("top1", "top5", "params_m", "gmacs", "images_per_sec", "image_size", "kappa", "params_free")
-METHODS = ("baseline", "tpc", "avit", "evit", "dynamicvit", "tome", "quoted")
+METHODS = (*methods.names(), "quoted")  # a row's method (tpcrepro/methods.py), or quoted from the paper
 _TABLE_KEYS = {"id", "title", "backbone", "columns", "baseline", "rows", "from_paper", "smoke_seeds"}
 _ROW_KEYS = {"id", "label", "paper", "method", "recipes", "note"}
 

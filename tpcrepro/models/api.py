@@ -11,10 +11,13 @@ by probing attributes of its own.
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Optional, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from tpcrepro.flops import ViTDims
 
 
 @runtime_checkable
@@ -38,6 +41,27 @@ class Adaptive(WithStats, Protocol):
 
     def gate_report(self, x: torch.Tensor) -> dict:
         """{"max_break", "gate_channel_max", "centre"}: can the controller learn from these weights?"""
+
+
+@runtime_checkable
+class ViTController(Protocol):
+    """A token controller on a plain stack of ViT blocks (TPC on DeiT and LV-ViT, A-ViT): what the analytic
+    count and a fixed per-layer schedule (benchmark mode, replayed counts) need of it."""
+
+    @property
+    def dims(self) -> "ViTDims": ...  # widths, depth and patches of the stack (tpcrepro.flops)
+
+    num_prefix_tokens: int
+    kappa: Optional[int]  # the stabilizer's top-κ, None for dense attention
+    buckets: int  # removed form: images grouped by token count, padded per group
+
+
+@runtime_checkable
+class StageController(Protocol):
+    """A token controller inside one stage of a hierarchical backbone (TPC-Swin)."""
+
+    @property
+    def stage_tokens(self) -> int: ...  # tokens of the stage the controller runs in
 
 
 @runtime_checkable

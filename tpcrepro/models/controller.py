@@ -19,37 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class TPCCfg:
-    gate_dims: tuple = (0, 1)  # channels of the block output read by the pause and non-restart gates
-    gamma: float = 5.0
-    beta: float = 40.0
-    gate_sign: str = "minus"  # minus: σ(γ·t − β) (A-ViT's convention); plus: σ(γ·t + β) as printed
-    single_gate: bool = False  # A-ViT: b = σ(γ·t[gate_dims[0]] ∓ β), no pause gate
-    tdr: bool = True
-    xi: float = 0.5
-    delta: float = 0.01
-    reuse: str = "pause"  # pause | none
-    pause_span: int = 1
-    paused_as_kv: bool = True
-    target_depth: float = 8.0  # 1-based layer of the Gaussian prior's mean
-    dist_source: str = "halting_weights"  # halting_weights | break_mean
-    kl_direction: str = "d_target"  # d_target: KL(D‖target) as printed; target_d: KL(target‖D) as A-ViT
-    phi_p: float = 5e-4
-    phi_d: float = 0.1
-
-    def __post_init__(self):
-        checks = {"gate_sign": ("minus", "plus"), "reuse": ("pause", "none"),
-                  "dist_source": ("halting_weights", "break_mean"), "kl_direction": ("d_target", "target_d")}
-        for key, allowed in checks.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"tpc.{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        if len(self.gate_dims) != 2:
-            raise ValueError(f"tpc.gate_dims must name two channels, got {self.gate_dims}")
-        if self.pause_span < 1 or not 0.0 <= self.xi <= 1.0 or not 0.0 < self.delta < 1.0:
-            raise ValueError(f"tpc needs pause_span ≥ 1, 0 ≤ xi ≤ 1 and 0 < delta < 1; got "
-                             f"{self.pause_span}, {self.xi}, {self.delta}")
+from tpcrepro.methods import TPCCfg  # noqa: F401  (its settings: torch-free, for recipes)
 
 
 @dataclass

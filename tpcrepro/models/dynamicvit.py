@@ -15,7 +15,6 @@ are not trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,21 +23,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.methods import DynamicViTCfg  # noqa: F401  (its settings: torch-free, for recipes)
 from tpcrepro.models.blocks import TokenBlock, block_forward
 from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
-
-
-@dataclass(frozen=True)
-class DynamicViTCfg:
-    keep_rate: float = 0.7  # per stage: cumulative ρ, ρ², ρ³
-    locations: tuple = (3, 6, 9)
-    ratio_weight: float = 2.0  # DeiT-S and LV-ViT; 5 for DeiT-B
-    cls_distill_weight: float = 0.5
-    token_distill_weight: float = 0.5
-    backbone_lr_scale: float = 0.01
-    freeze_epochs: int = 5
-    tau: float = 1.0  # Gumbel-softmax temperature
 
 
 class Predictor(nn.Module):

@@ -11,37 +11,16 @@ training from scratch.
 """
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.methods import EViTCfg  # noqa: F401  (its settings: torch-free, for recipes)
 from tpcrepro.models.blocks import TokenBlock
 from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
-
-
-@dataclass(frozen=True)
-class EViTCfg:
-    keep_rate: float = 0.7
-    locations: tuple = (3, 6, 9)  # 0-based blocks that prune
-    fuse: bool = True  # fuse the dropped tokens into one
-    shrink_start: int = 0  # epoch at which the keep rate starts to fall from 1 (EViT from scratch: 10)
-    shrink_epochs: int = 0  # epochs of the cosine fall to keep_rate (EViT from scratch: 100); 0 = fixed
-
-    def __post_init__(self):
-        if not 0.0 < self.keep_rate <= 1.0:
-            raise ValueError(f"evit.keep_rate must be in (0, 1], got {self.keep_rate}")
-
-    def keep_rate_at(self, epoch: int) -> float:
-        if not self.shrink_epochs or epoch >= self.shrink_start + self.shrink_epochs:
-            return self.keep_rate if epoch >= self.shrink_start else 1.0
-        if epoch < self.shrink_start:
-            return 1.0
-        t = (epoch - self.shrink_start) / self.shrink_epochs
-        return self.keep_rate + (1.0 - self.keep_rate) * (math.cos(math.pi * t) + 1) / 2
 
 
 def kept_count(n_patches: int, keep_rate: float) -> int:

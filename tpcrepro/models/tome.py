@@ -7,7 +7,6 @@ the r best pairs by size-weighted average. Attention adds log(size) to the
 key logits (proportional attention). CLS is never merged.
 """
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,18 +14,10 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from tpcrepro import flops
+from tpcrepro.methods import ToMeCfg  # noqa: F401  (its settings: torch-free, for recipes)
 from tpcrepro.models.blocks import TokenBlock
 from tpcrepro.models.registry import register_family
 from tpcrepro.models.stabilizer import nearest_keys
-
-
-@dataclass(frozen=True)
-class ToMeCfg:
-    r: int = 13  # pairs merged in every block
-    schedule: tuple = ()  # per-block r (overrides r), e.g. ToMe's decreasing schedules
-
-    def r_at(self, block: int) -> int:
-        return self.schedule[block] if self.schedule else self.r
 
 
 def bipartite_match(metric: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The stabilizer's cost on one ViT block: dense timm Block vs the same block with top-κ attention.
 
 Both run in one process on the same weights and input, interleaved, timed
-between device syncs, median over repeats (MEASURE.md). Ratios are
+between device syncs, median over repeats (docs/measure.md). Ratios are
 stabilizer / dense: the design goal is ≤ 1.3 for a DeiT-S block (κ = 100,
 197 tokens, batch 256, bf16).
 """
