@@ -16,7 +16,7 @@ def row_status(row: tables.Row, profile: str, seeds: list[int], any_: dict, done
     if profile not in row.recipes:
         return "no recipe"
     jobs = runner.plan([load_recipe(row.recipes[profile])], seeds)
-    found = {runner.job_status(j, any_, done) for j in jobs}
+    found = {runner.job_status(j, any_, done) for j in jobs if not j.dependency}  # the row's own jobs, not its base's
     return next(s for s in ORDER if s in found)
 
 
