@@ -69,9 +69,9 @@ class Payload:
 
 def payload_file(path: Path, marker: Path) -> Path:
     """A file shaped like a checkpoint (epoch, recipe, state dict) with the payload beside the tensors."""
-    sd = weights.create(load_recipe("smoke/vit").model).state_dict()
+    sd = weights.create(load_recipe("smoke/vit_pretrain").model).state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 40, "recipe": "smoke/vit", "overrides": [], "model": sd, "extra": Payload(marker)}, path)
+    torch.save({"epoch": 40, "recipe": "smoke/vit_pretrain", "overrides": [], "model": sd, "extra": Payload(marker)}, path)
     return path
 
 
@@ -91,10 +91,10 @@ def test_no_loading_path_runs_a_payload(tmp_path, capsys, monkeypatch):
     payload_file(run_dir_for(load_recipe(base), 0) / "checkpoint.pt", marker)
     monkeypatch.setenv("TPCREPRO_WEIGHTS", str(hostile))
     paths = {
-        "resume": (["job", "smoke/vit", "--run-dir", str(run), *FAST_ARGS], run / "checkpoint.pt"),
+        "resume": (["job", "smoke/vit_pretrain", "--run-dir", str(run), *FAST_ARGS], run / "checkpoint.pt"),
         "flops --checkpoint": (["flops", "--checkpoint", str(hostile)], hostile),
-        "model.pretrained": (["job", "smoke/vit", "--set", f"model.pretrained={hostile}", *FAST_ARGS], hostile),
-        "$TPCREPRO_WEIGHTS": (["job", "smoke/vit", "--set", "model.pretrained=$TPCREPRO_WEIGHTS", *FAST_ARGS], hostile),
+        "model.pretrained": (["job", "smoke/vit_pretrain", "--set", f"model.pretrained={hostile}", *FAST_ARGS], hostile),
+        "$TPCREPRO_WEIGHTS": (["job", "smoke/vit_pretrain", "--set", "model.pretrained=$TPCREPRO_WEIGHTS", *FAST_ARGS], hostile),
         "model.init_from": (["job", "smoke/tpc", *FAST_ARGS], run_dir_for(load_recipe(base), 0) / "checkpoint.pt"),
     }
     for name, (args, file) in paths.items():
@@ -112,7 +112,7 @@ def test_no_loading_path_runs_a_payload(tmp_path, capsys, monkeypatch):
 def test_convert_a_trusted_file(tmp_path, capsys, monkeypatch):
     """DeiT-style training checkpoints (argparse args, numpy values) and older tpcrepro checkpoints (numpy RNG
     tuples) convert on request without executing anything; a file naming other globals is refused."""
-    sd = weights.create(load_recipe("smoke/vit").model).state_dict()
+    sd = weights.create(load_recipe("smoke/vit_pretrain").model).state_dict()
     src, dst = tmp_path / "deit_train.pth", tmp_path / "safe.pth"
     torch.save({"model": sd, "args": argparse.Namespace(lr=5e-4, model="deit"), "best": np.float64(79.8),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
@@ -135,12 +135,12 @@ def test_convert_a_trusted_file(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("layout", ["flat", "model", "state_dict", "module_prefix"])
 def test_released_checkpoint_layouts_load_safely(tmp_path, layout):
     """timm files (a flat state dict), DeiT/LV-ViT ({'model': ...}), {'state_dict': ...}, DDP 'module.' keys."""
-    model = weights.create(load_recipe("smoke/vit").model)
+    model = weights.create(load_recipe("smoke/vit_pretrain").model)
     sd = model.state_dict()
     obj = {"flat": sd, "model": {"model": sd}, "state_dict": {"state_dict": sd, "epoch": 300},
            "module_prefix": {"model": {f"module.{k}": v for k, v in sd.items()}}}[layout]
     torch.save(obj, tmp_path / "w.pth")
-    other = weights.create(load_recipe("smoke/vit").model)
+    other = weights.create(load_recipe("smoke/vit_pretrain").model)
     weights.load_weights(other, tmp_path / "w.pth")
     assert all(torch.equal(v, sd[k]) for k, v in other.state_dict().items())
 
@@ -152,7 +152,7 @@ def start_job(run_dir: Path, test_at: str | None, tmp_path: Path) -> subprocess.
     env.pop(TEST_AT_ENV, None)
     if test_at:
         env[TEST_AT_ENV] = test_at
-    cmd = [sys.executable, "-m", "tpcrepro", "job", "smoke/vit", "--run-dir", str(run_dir), "--device", "cpu", *TINY_ARGS]
+    cmd = [sys.executable, "-m", "tpcrepro", "job", "smoke/vit_pretrain", "--run-dir", str(run_dir), "--device", "cpu", *TINY_ARGS]
     return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
@@ -180,7 +180,7 @@ def test_one_job_per_run_directory_and_clean_signals(tmp_path, capsys, monkeypat
         wait_for_point(proc)
     run, first = runs["sigint"], procs["sigint"]
     before, n_records = snapshot(run), len(records.load_records())
-    second, err = tpcrepro(["job", "smoke/vit", "--run-dir", str(run), *TINY_ARGS], capsys, monkeypatch)
+    second, err = tpcrepro(["job", "smoke/vit_pretrain", "--run-dir", str(run), *TINY_ARGS], capsys, monkeypatch)
     line = error_line(err)
     assert second == 2 and str(run) in line and f"pid {first.pid}" in line
     assert snapshot(run) == before and len(records.load_records()) == n_records
@@ -194,7 +194,7 @@ def test_one_job_per_run_directory_and_clean_signals(tmp_path, capsys, monkeypat
     assert errors == ["interrupted after epoch 1 of 2; the same command resumes"] * 2
     procs["kill"].kill()  # SIGKILL: no handler, no cleanup; the kernel drops the lock
     procs["kill"].wait(timeout=60)
-    rec = run_job(load_recipe("smoke/vit", TINY), "train", 0, run_dir=runs["kill"])
+    rec = run_job(load_recipe("smoke/vit_pretrain", TINY), "train", 0, run_dir=runs["kill"])
     assert rec.status == "done" and rec.metrics["resumed"] is True and len(rec.metrics["history_top1"]) == 2
 
 
@@ -218,7 +218,7 @@ def rows(run_dir: Path) -> list[dict]:
 def test_history_survives_kill_9_at_any_point_of_the_checkpoint_write(tmp_path):
     """Killed right before or right after the first checkpoint write (os._exit, like kill -9), then
     resumed: one row per epoch, in order, equal to an uninterrupted run's; no temp file survives."""
-    recipe = load_recipe("smoke/vit", TINY)
+    recipe = load_recipe("smoke/vit_pretrain", TINY)
     whole = run_job(recipe, "train", 0, run_dir=tmp_path / "whole")
     points = ["before_ckpt:0", "after_ckpt:0"]  # the two sides of the first checkpoint write
     procs = {p: start_job(tmp_path / p.replace(":", "_"), f"{p}:exit", tmp_path) for p in points}
@@ -241,7 +241,7 @@ def test_without_a_checkpoint_the_curve_starts_empty_and_checkpoints_are_plain(t
     run = tmp_path / "r"
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "top1": 1.0}) + "\n")
-    run_job(load_recipe("smoke/vit", TINY + ("train.epochs=1",)), "train", 0, run_dir=run)
+    run_job(load_recipe("smoke/vit_pretrain", TINY + ("train.epochs=1",)), "train", 0, run_dir=run)
     assert [r["epoch"] for r in rows(run)] == [0] and rows(run)[0]["top1"] != 1.0
     state = torch.load(run / "checkpoint.pt", weights_only=True)  # raises if anything else is inside
     assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0]
@@ -252,7 +252,7 @@ def test_the_slurm_entry_requeues_what_is_left_without_force():
 
     from tpcrepro.runner import SlurmEntry
 
-    entry = SlurmEntry("smoke/vit", ("train.epochs=2",), [("train", 0, True), ("flops", 0, True)], None)
+    entry = SlurmEntry("smoke/vit_pretrain", ("train.epochs=2",), [("train", 0, True), ("flops", 0, True)], None)
     assert isinstance(entry, submitit.helpers.Checkpointable)
     entry.finished.append(("flops", 0))
     again = entry.checkpoint()
@@ -264,11 +264,11 @@ def test_the_slurm_entry_requeues_what_is_left_without_force():
 # ---------------------------------------------------------------- 5. damaged records are named
 
 def test_damaged_records_are_named_once_and_the_rest_used(tmp_path, capsys, monkeypatch):
-    run_job(load_recipe("smoke/vit"), "flops")
+    run_job(load_recipe("smoke/vit_pretrain"), "flops")
     rdir = tmp_path / "results" / "records"
-    (rdir / "broken.json").write_text('{"recipe": "smoke/vit", ')
-    (rdir / "partial.json").write_text(json.dumps({"recipe": "smoke/vit", "kind": "train"}))
-    for args in (["report"], ["list"], ["figure", "fig4"], ["run", "smoke/vit", "--dry-run"]):
+    (rdir / "broken.json").write_text('{"recipe": "smoke/vit_pretrain", ')
+    (rdir / "partial.json").write_text(json.dumps({"recipe": "smoke/vit_pretrain", "kind": "train"}))
+    for args in (["report"], ["list"], ["figure", "fig4"], ["run", "smoke/vit_pretrain", "--dry-run"]):
         code, err = tpcrepro(args, capsys, monkeypatch)
         warns = [ln for ln in err.splitlines() if ln.startswith("warning: skipping record")]
         assert len(warns) == 2, (args, err)
@@ -282,14 +282,14 @@ def test_damaged_records_are_named_once_and_the_rest_used(tmp_path, capsys, monk
     ("train.lr=-1", "'train.lr' must be > 0, got -1.0"),
     ("train.epochs=-1", "'train.epochs' must be ≥ 0"),
     ("train.batch_size=0", "'train.batch_size' must be ≥ 1"),
-    ("train.warmup_epochs=50", "'train.warmup_epochs' (50) must not exceed 'train.epochs' (40)"),
+    ("train.warmup_epochs=60", "'train.warmup_epochs' (60) must not exceed 'train.epochs' (50)"),
     ("stabilizer.kappa=0", "kappa must be at least 1"),
     ("tpc.xi=1.5", "xi ≤ 1"),
     ("tpc.phi_p=-1", "'tpc.phi_p' must be ≥ 0, got -1.0"),
     ("data.aug.mixup_prob=2", "'data.aug.mixup_prob' must be in [0, 1]"),
 ])
 def test_out_of_range_values_are_one_line_errors(override, says, capsys, monkeypatch):
-    code, err = tpcrepro(["show", "smoke/vit", "--set", override], capsys, monkeypatch)
+    code, err = tpcrepro(["show", "smoke/vit_pretrain", "--set", override], capsys, monkeypatch)
     assert code == 2 and says in error_line(err)
 
 
@@ -310,7 +310,7 @@ def test_damaged_checkpoint_says_what_to_do(tmp_path, damage, capsys, monkeypatc
     buf = tmp_path / "full.pt"
     torch.save({"epoch": 1, "model": {"w": torch.zeros(1000)}}, buf)
     (run / "checkpoint.pt").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2] if damage == "truncated" else b"")
-    code, err = tpcrepro(["job", "smoke/vit", "--run-dir", str(run), *FAST_ARGS], capsys, monkeypatch)
+    code, err = tpcrepro(["job", "smoke/vit_pretrain", "--run-dir", str(run), *FAST_ARGS], capsys, monkeypatch)
     line = error_line(err)
     assert code == 2 and f"cannot read {run / 'checkpoint.pt'}: the file is damaged" in line and "--force" in line
 

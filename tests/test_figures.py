@@ -86,7 +86,7 @@ def test_fig5_and_fig1_write_pngs(tmp_path):
 
 def test_load_run_model_and_digits():
     recipe = load_recipe("smoke/tpc")
-    src = timm.create_model("tpc_vit_smoke", tpc=recipe.tpc)
+    src = jobs.static_model(recipe)  # the recipe's model: 32x32 RGB scenes, 4x4 patches
     path = jobs.run_dir_for(recipe, 0) / "checkpoint.pt"
     path.parent.mkdir(parents=True)
     torch.save({"model": src.state_dict(), "epoch": 15}, path)

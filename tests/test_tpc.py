@@ -190,7 +190,7 @@ def test_fine_tuning_needs_the_finished_base_run():
     from tpcrepro.jobs import run_job
     from tpcrepro.recipe import load_recipe
 
-    with pytest.raises(UserError, match="finished run of smoke/vit seed 0"):
+    with pytest.raises(UserError, match="finished run of smoke/vit_pretrain seed 0"):
         run_job(load_recipe("smoke/tpc"), "train", seed=0)
 
 

@@ -24,7 +24,7 @@ def _weights(run_dir: Path) -> dict:
 
 
 def test_train_job_writes_checkpoint_metrics_and_record(tmp_path):
-    r = load_recipe("smoke/vit", FAST)
+    r = load_recipe("smoke/vit_pretrain", FAST)
     rec = run_job(r, "train", seed=0)
     assert rec.status == "done" and rec.profile == "smoke"
     assert 0 <= rec.metrics["top1"] <= 100 and rec.metrics["n_val"] == 64
@@ -41,7 +41,7 @@ def test_train_job_writes_checkpoint_metrics_and_record(tmp_path):
 
 
 def test_same_seed_same_result_on_cpu(tmp_path):
-    r = load_recipe("smoke/vit", FAST)
+    r = load_recipe("smoke/vit_pretrain", FAST)
     a = run_job(r, "train", seed=3, run_dir=tmp_path / "a")
     b = run_job(r, "train", seed=3, run_dir=tmp_path / "b")
     assert a.metrics["top1"] == b.metrics["top1"] and a.metrics["final_train_loss"] == b.metrics["final_train_loss"]
@@ -50,7 +50,7 @@ def test_same_seed_same_result_on_cpu(tmp_path):
 
 
 def test_killed_mid_epoch_resumes_with_nothing_lost(tmp_path):
-    r = load_recipe("smoke/vit", FAST + ("train.epochs=3",))
+    r = load_recipe("smoke/vit_pretrain", FAST + ("train.epochs=3",))
     run_job(r, "train", seed=1, run_dir=tmp_path / "whole")
 
     class Killed(KeyboardInterrupt):
@@ -72,13 +72,13 @@ def test_killed_mid_epoch_resumes_with_nothing_lost(tmp_path):
 
 
 def test_checkpoint_of_another_recipe_version_is_refused(tmp_path):
-    run_job(load_recipe("smoke/vit", FAST), "train", seed=0, run_dir=tmp_path / "r")
+    run_job(load_recipe("smoke/vit_pretrain", FAST), "train", seed=0, run_dir=tmp_path / "r")
     with pytest.raises(UserError, match="another recipe version"):
-        run_job(load_recipe("smoke/vit", FAST + ("train.lr=1e-4",)), "train", seed=0, run_dir=tmp_path / "r")
+        run_job(load_recipe("smoke/vit_pretrain", FAST + ("train.lr=1e-4",)), "train", seed=0, run_dir=tmp_path / "r")
 
 
 def test_nan_loss_is_a_clear_error_and_a_failed_record(tmp_path):
-    r = load_recipe("smoke/vit", FAST + ("train.lr=1e30", "train.warmup_epochs=0"))
+    r = load_recipe("smoke/vit_pretrain", FAST + ("train.lr=1e30", "train.warmup_epochs=0"))
     with pytest.raises(UserError, match="loss is (nan|inf)"):
         run_job(r, "train", seed=0)
     recs = records.load_records()
@@ -87,18 +87,18 @@ def test_nan_loss_is_a_clear_error_and_a_failed_record(tmp_path):
 
 
 def test_eval_only_when_epochs_zero(tmp_path):
-    rec = run_job(load_recipe("smoke/vit", FAST + ("train.epochs=0",)), "train", seed=0)
+    rec = run_job(load_recipe("smoke/vit_pretrain", FAST + ("train.epochs=0",)), "train", seed=0)
     assert rec.metrics["epochs"] == 0 and rec.metrics["n_val"] == 64
 
 
 def test_flops_job_record():
-    rec = run_job(load_recipe("smoke/vit"), "flops")
+    rec = run_job(load_recipe("smoke/vit_pretrain"), "flops")
     assert rec.metrics["params"] == 404_874 or rec.metrics["params"] > 400_000
     assert abs(rec.metrics["macs"] / 30.2e6 - 1) < 0.01
 
 
 @pytest.mark.parametrize("recipe,extra", [
-    ("smoke/vit", ()),
+    ("smoke/vit_pretrain", ()),
     ("smoke/tpc", ("train.epochs=1", "model.init_from=null", "tpc.beta=-0.5", "tpc.gamma=1.0")),
 ])
 def test_two_process_ddp_with_gloo(tmp_path, recipe, extra):
