@@ -83,6 +83,18 @@ def test_verdicts_follow_the_interval(test, lo, hi, expected):
     assert claims.verdict(test, lo, hi, margin=1.0) == expected
 
 
+@pytest.mark.parametrize("v, a_macs, b_macs, stands", [
+    (claims.SUPPORTED, 10.0, 12.0, True),  # a beats a point that spends more: a monotone curve cannot overturn it
+    (claims.SUPPORTED, 10.0, 8.0, False),  # a beats a point that spends less: at a's MACs the peer may do better
+    (claims.CONTRADICTED, 10.0, 8.0, True),  # a loses to a point that spends less
+    (claims.CONTRADICTED, 10.0, 12.0, False),  # a loses to a point that spends more: says nothing at a's MACs
+    (claims.UNRESOLVED, 10.0, 12.0, False),
+])
+def test_a_curve_read_off_its_points_keeps_only_conservative_verdicts(v, a_macs, b_macs, stands):
+    got = claims.off_curve(v, a_macs, b_macs)
+    assert (got == v) == stands and (stands or got.startswith(claims.UNRESOLVED))
+
+
 def _train(recipe_id, seed, flags, macs=None, commit="abc1234"):
     r = load_recipe(recipe_id)
     m = {"top1": 100 * flags.mean(), "top5": 100.0, "n_val": len(flags), "correct_top1": pack_correct(flags)}

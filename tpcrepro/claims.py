@@ -74,6 +74,15 @@ def runs(recipe_id: str, latest: dict) -> tuple[Optional[Runs], str]:
                 f"`{recipe_id}` s{seeds} @{current} ({commits})"), ""
 
 
+def off_curve(v: str, a_macs: float, b_macs: float) -> str:
+    """A curve read at another point than a's MACs (a outside its points): only the reading that a monotone curve
+    (more MACs, no less top-1) cannot overturn stands: a beats a point that spends more, or loses to one that
+    spends less. Anything else is unresolved until the curve reaches a's MACs."""
+    if (v == SUPPORTED and b_macs >= a_macs) or (v == CONTRADICTED and b_macs <= a_macs):
+        return v
+    return f"{UNRESOLVED} (the curve's nearest point spends {'more' if b_macs > a_macs else 'fewer'} MACs)"
+
+
 def _mmacs(x: Optional[float]) -> str:
     return "—" if x is None else f"{x / 1e6:.2f}"
 
@@ -117,8 +126,11 @@ def compare(cmp: dict, latest: dict, margin: float) -> dict:
         row["b"] = f"`{have[0].recipe}`"
         row["how"] = "rows"
     iv = bootstrap.contrast([(1.0, a.hits), *[(-wi, r.hits) for wi, r in used]])
+    v = verdict(test, iv.lo, iv.hi, margin)
+    if cmp.get("curve") and row["how"].split(",")[0] not in ("interpolated", "at the point"):
+        v = off_curve(v, a.macs, peer_macs)
     row.update(macs=f"{_mmacs(a.macs)} / {_mmacs(peer_macs)}", diff=f"{iv.diff:+.2f}",
-               interval=f"[{iv.lo:+.2f}, {iv.hi:+.2f}]", verdict=verdict(test, iv.lo, iv.hi, margin),
+               interval=f"[{iv.lo:+.2f}, {iv.hi:+.2f}]", verdict=v,
                sources="; ".join([a.source] + [r.source for _, r in used]))
     return row
 
@@ -182,8 +194,10 @@ def render(latest: dict) -> str:
         "from the interval: `a > b` is supported when the whole interval is above 0 and contradicted when it is "
         f"below; `a ≥ b − m` and `−m < a − b < m` use the margin m = {load_spec().get('margin', 1.0):g} point. "
         "Against a curve, b is the peer's top-1 read linearly at a's MACs between its two neighbouring points "
-        "(outside its range: its nearest point). The interval covers the validation images' sampling noise; "
-        "training noise between seeds shows as the ± of the tables. Only train records that kept each validation "
+        "(outside its range: its nearest point, and then only a verdict a curve that gains top-1 with MACs "
+        "cannot overturn stands: a beating a point that spends more, or losing to one that spends less). "
+        "The interval covers the validation images' sampling noise; "
+        "training noise between seeds shows as the ± of the tables (rows of one seed: seed 0 only). Only train records that kept each validation "
         "image's hit count. These are small-scale results on the smoke data, not ImageNet results.",
         "",
         df.to_markdown(index=False, disable_numparse=True),
