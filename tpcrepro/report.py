@@ -34,8 +34,9 @@ SMOKE_SCALE = {"gmacs": ("MACs (M)", 1e-6), "params_m": ("Params (M)", 1e-6)}
 SMOKE_BASELINE = "smoke/vit"  # the smoke backbone: MACs ratios are against it
 SMOKE_BACKBONES = {"swin_t": "a Swin of widths 32-256 (depths 1-1-4-1, window 4)",
                    "lvvit_s": "an LV-ViT of width 64 and depth 8 (convolutional stem, aux head)"}
-SMOKE_NOTE = ("scikit-learn digits upsampled to 16×16, {backbone} trained on the CPU; "
-              "these numbers check the pipeline and compare methods at small scale. They are not ImageNet results.")
+SMOKE_NOTE = ("digits in 32×32 scenes (tpcrepro/scenes.py; 3,000 validation scenes), {backbone} pretrained once "
+              "on the CPU and every row fine-tuned from it with the same budget; these numbers compare methods at "
+              "small scale. They are not ImageNet results.")
 
 
 def smoke_note(spec: tables.TableSpec) -> str:

@@ -1,7 +1,9 @@
 """The small ViT of the smoke profile, registered with timm.
 
-Digits upsampled to 16x16, patch 2: 64 patches + CLS, width 64, depth 8,
-4 heads, MLP ratio 4 (about 30 M MACs per image). The position embedding
+Registered for 16x16 single-channel images, patch 2: 64 patches + CLS,
+width 64, depth 8, 4 heads, MLP ratio 4 (about 30 M MACs per image). The
+smoke profile runs it on 32x32 RGB scenes with patch 4 (the same 64 tokens,
+30.4 M MACs; recipes/_base/smoke.yaml sets img_size, in_chans, patch_size). The position embedding
 starts from 2-D sin-cos values (then learned): with timm's default 0.02-std
 initialisation a ViT this small on 1437 images learns positions too slowly
 (measured: 64 % after 10 epochs against 93 % with sin-cos).
