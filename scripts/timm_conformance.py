@@ -8,7 +8,8 @@ with the project's models the way timm lists its own families (ViT-like models
 in NON_STD_FILTERS; families that cannot be scripted or traced in
 EXCLUDE_JIT_FILTERS / EXCLUDE_FX_FILTERS, each with its reason), runs the test
 file on the project's models only, and prints passed/failed per test and model
-family. Exit status 0 when nothing failed.
+family. Exit status 0 when nothing failed (a test that only could not download
+released weights from the hub is counted apart, as needing a network).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def prepare(sdist: Path) -> Path:
 
 
 def results(xml: Path) -> dict:
-    """{(test, family): {"passed": [...], "failed": [...], "skipped": [...]}} from pytest's junit XML."""
+    """{(test, family): {"passed": [...], "failed": [...], "skipped": [...], "offline": [...]}} from pytest's junit XML."""
     out: dict = defaultdict(lambda: defaultdict(list))
     for case in ET.parse(xml).getroot().iter("testcase"):
         m = re.match(r"(\w+)\[(.*)\]", case.get("name", ""))
@@ -144,8 +145,21 @@ def results(xml: Path) -> dict:
         model = next((p for p in params.split("-") if any(p.startswith(q) for q, _ in FAMILIES)), params)
         kids = {c.tag for c in case}
         status = "failed" if kids & {"failure", "error"} else "skipped" if "skipped" in kids else "passed"
+        if status == "failed" and offline(case):
+            status = "offline"
         out[(test, family(model))][status].append(model)
     return out
+
+
+# what a download of released weights raises on a machine that cannot reach the hub
+OFFLINE = re.compile(r"LocalEntryNotFoundError|OfflineModeIsEnabled|ConnectionError|NameResolutionError|"
+                     r"Max retries exceeded|Temporary failure in name resolution|Network is unreachable")
+
+
+def offline(case) -> bool:
+    """A failed test case whose failure is only that the hub (released weights) cannot be reached."""
+    text = " ".join((c.get("message") or "") + " " + (c.text or "") for c in case if c.tag in ("failure", "error"))
+    return bool(OFFLINE.search(text))
 
 
 def per_model_tests(src: str) -> list[str]:
@@ -239,15 +253,17 @@ def print_table(table: dict, models: list[str], rows: list[str]) -> None:
             if not r:
                 cells.append(f"{'excl' if is_excluded(t, f, models) else '-':>11}")
                 continue
-            p, x, s = len(r["passed"]), len(r["failed"]), len(r["skipped"])
-            cells.append(f"{f'{p}/{p + x}' + (f' s{s}' if s else ''):>11}")
+            p, x, s, o = len(r["passed"]), len(r["failed"]), len(r["skipped"]), len(r["offline"])
+            cells.append(f"{f'{p}/{p + x}' + (f' s{s}' if s else '') + (f' o{o}' if o else ''):>11}")
         print(f"{t:<{width}}  " + "  ".join(cells))
     total_p = sum(len(r["passed"]) for r in table.values())
     total_f = sum(len(r["failed"]) for r in table.values())
     total_s = sum(len(r["skipped"]) for r in table.values())
-    print("\ncells: passed/run (sN: N of them skipped by the test itself); excl: excluded by design (below); "
+    total_o = sum(len(r["offline"]) for r in table.values())
+    print("\ncells: passed/run (sN: N of them skipped by the test itself; oN: N more that download released "
+          "weights and could not reach the hub, not counted as run); excl: excluded by design (below); "
           "'-': timm's own filters do not collect the family for that test")
-    print(f"total: {total_p} passed, {total_f} failed, {total_s} skipped")
+    print(f"total: {total_p} passed, {total_f} failed, {total_s} skipped, {total_o} need a network (hub weights)")
     rows = excluded(models, tests)
     if rows:
         print("\nexcluded by design (deselected, as timm's own exclusion lists leave out such families):")
