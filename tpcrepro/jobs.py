@@ -31,8 +31,7 @@ def _train(recipe: Recipe, seed: int, d: distributed.Dist, data_root: Optional[s
     from tpcrepro import data as data_mod
     from tpcrepro.train import Fit
 
-    if recipe.data.dataset != "digits":  # a missing data directory is found before weights are fetched
-        data_mod.resolve_root(recipe.data, data_root)
+    data_mod.resolve_root(recipe.data, data_root)  # a missing data directory is found before weights are fetched
     torch.manual_seed(seed)  # the same seed initialises the same weights on every rank
     model = weights.create(recipe.model, **method_kwargs(recipe))
     settings = {"world_size": d.world, "batch_size": recipe.train.batch_size, "epochs": recipe.train.epochs,
