@@ -106,6 +106,7 @@ def compare(cmp: dict, latest: dict, margin: float) -> dict:
         row["missing"] = missing + ["records on different validation sets"]
         row["how"] = "—"
         return row
+    how = ""
     if cmp.get("curve"):
         if a.macs is None or any(r.macs is None for r in have):
             row["missing"] = missing + ["MACs"]
@@ -127,7 +128,7 @@ def compare(cmp: dict, latest: dict, margin: float) -> dict:
         row["how"] = "rows"
     iv = bootstrap.contrast([(1.0, a.hits), *[(-wi, r.hits) for wi, r in used]])
     v = verdict(test, iv.lo, iv.hi, margin)
-    if cmp.get("curve") and row["how"].split(",")[0] not in ("interpolated", "at the point"):
+    if cmp.get("curve") and how not in ("interpolated", "at the point"):  # read at other MACs than a's
         v = off_curve(v, a.macs, peer_macs)
     row.update(macs=f"{_mmacs(a.macs)} / {_mmacs(peer_macs)}", diff=f"{iv.diff:+.2f}",
                interval=f"[{iv.lo:+.2f}, {iv.hi:+.2f}]", verdict=v,
