@@ -14,7 +14,7 @@ from tpcrepro.errors import Interrupted, UserError, raise_on_signals
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
     help="Reproduce the tables of TPC-ViT (Token Propagation Controller for Efficient Vision Transformers).\n\n"
-         "Profiles: [bold]smoke[/] = the digits data set that ships with scikit-learn and a small ViT, CPU minutes; "
+         "Profiles: [bold]smoke[/] = digits in scenes made from what ships with scikit-learn and a small ViT, CPU minutes (one job per core); "
          "[bold]paper[/] = ImageNet-1K at the paper's scale, multi-GPU through torchrun.",
 )
 
@@ -54,6 +54,9 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the commands of the jobs that would run and the "
                                  "GPU-hours the recipes state for them, and stop."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Go on to the next job after a failure."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Jobs at once on this machine's CPU cores, each "
+                                       "on its recipe's train.threads (smoke: 1; pretraining: 2), its log in "
+                                       "runs/logs/ (default: as many as the cores hold on the CPU, 1 on a GPU)."),
     kinds: Optional[str] = typer.Option(None, "--kinds", help="Only these job kinds, comma-separated: train, flops, "
                                         "throughput (e.g. --kinds flops: params and MACs need neither data nor weights)."),
     launcher: str = typer.Option("local", "--launcher", help="local (this machine, torchrun for several GPUs) | "
@@ -74,7 +77,7 @@ def run(
     from tpcrepro import runner
 
     launch = runner.Launch(nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                           rdzv_endpoint=rdzv_endpoint, data=data, device=device)
+                           rdzv_endpoint=rdzv_endpoint, data=data, device=device, jobs=jobs)
     cluster = runner.Cluster(folder=slurm_dir, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
                              timeout_min=timeout_min, account=account)
     summary = runner.run_target(target, profile, launch, launcher, cluster, seeds=seeds, kinds=kinds,

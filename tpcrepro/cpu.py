@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 NATIVE_ENV = "TPCREPRO_NATIVE_CPU"
@@ -43,6 +45,20 @@ def isa_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+@contextmanager
+def threads(n: Optional[int]):
+    """Run the block with torch on `n` CPU threads (None: as it is), then put the count back."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def describe() -> dict:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from tpcrepro import checkpoint as ckpt
+from tpcrepro import cpu
 from tpcrepro import distributed, paths, records, runlock, speed, weights
 from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
@@ -118,6 +119,8 @@ def run_job(recipe: Recipe, kind: str, seed: int = 0, data_root: Optional[str] =
             raise busy or UserError(f"{run_dir} is in use by another job; wait for it or pass --run-dir elsewhere")
         if busy:
             raise busy
+        if d.device == "cpu":  # the recipe's threads (smoke pins them: a CPU run's bits depend on them)
+            stack.enter_context(cpu.threads(recipe.train.threads))
         return _run_held(recipe, kind, seed, d, data_root, run_dir, force, hook)
 
 

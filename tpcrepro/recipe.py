@@ -92,6 +92,9 @@ class TrainCfg:
     amp_dtype: str = "bf16"  # bf16 | fp16 (fp16 adds a gradient scaler)
     ema: bool = False
     ema_decay: float = 0.99996
+    # CPU threads of a job on the CPU (None: torch's default). Smoke recipes pin it: the bits of a CPU run depend
+    # on it, and `run --jobs` packs jobs onto cores by it. Not hashed (like data.workers); records keep it.
+    threads: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,8 @@ def recipe_hash(recipe: Recipe) -> str:
     for key in _UNHASHED:
         d.pop(key, None)
     d.get("data", {}).pop("workers", None)
+    if d.get("train", {}).pop("threads", None) is not None and not d["train"]:
+        d.pop("train")  # a section that differed only in its threads hashes as if it had not
     if recipe.model.init_from:
         d["init_from_hash"] = load_recipe(recipe.model.init_from).hash
     blob = json.dumps(d, sort_keys=True, default=str).encode()
@@ -382,7 +387,7 @@ RANGES: dict[type, dict[str, tuple]] = {
     DataCfg: {"crop_pct": (0, 1, True, False), "workers": _GE0, "subset_train": _GE1, "subset_val": _GE1,
               "token_label_weight": _GE0},
     TrainCfg: {"epochs": _GE0, "batch_size": _GE1, "lr": _GT0, "weight_decay": _GE0, "warmup_epochs": _GE0,
-               "warmup_lr": _GE0, "min_lr": _GE0, "clip_grad": _GT0, "ema_decay": _UNIT},
+               "warmup_lr": _GE0, "min_lr": _GE0, "clip_grad": _GT0, "ema_decay": _UNIT, "threads": _GE1},
     EvalCfg: {"batch_size": _GE1},
     ThroughputCfg: {"batch_size": _GE1, "warmup": _GE0, "steps": _GE1, "repeats": _GE1},
     StabilizerCfg: {"kappa": _GE1},

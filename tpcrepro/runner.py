@@ -18,7 +18,7 @@ from typing import Optional
 
 import submitit.helpers
 
-from tpcrepro import records, tables
+from tpcrepro import pool, records, tables
 from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
 from tpcrepro.recipe import JOB_KINDS, Recipe, load_recipe, recipe_path
@@ -48,10 +48,26 @@ class Launch:
     rdzv_endpoint: Optional[str] = None
     data: Optional[str] = None
     device: Optional[str] = None
+    jobs: Optional[int] = None  # jobs at once on the CPU cores (tpcrepro.pool); None: as many as the cores hold
 
     @property
     def distributed(self) -> bool:
         return self.nproc_per_node > 1 or self.nnodes > 1
+
+    def at_once(self) -> int:
+        """How many jobs run side by side here: several only on the CPU, never under torchrun or on a GPU."""
+        if self.distributed:
+            return 1
+        if self.jobs is not None:
+            return max(1, self.jobs)
+        on_gpu = self.device.startswith("cuda") if self.device else _cuda()
+        return 1 if on_gpu else pool.machine_cores()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -216,9 +232,10 @@ def gpu_hours(jobs: list[Job]) -> tuple[float, list[str]]:
     return total, unknown
 
 
-def measured_seconds(jobs: list[Job]) -> tuple[float, list[str]]:
+def measured_seconds(jobs: list[Job], cores: Optional[int] = None) -> tuple[float, list[str]]:
     """What `jobs` took when last run here: each job's newest done record of its recipe and kind (any seed).
 
+    cores: the wall clock of `run --jobs` on that many cores (the pool's rules, simulated); None: one after another.
     Returns (seconds, recipes never run). On the machine that made the records this is the cost of a fresh run.
     With --results elsewhere, the repository's committed records count too.
     """
@@ -242,7 +259,14 @@ def measured_seconds(jobs: list[Job]) -> tuple[float, list[str]]:
                 unknown.append(j.recipe.id)
         else:
             total += rec.duration_s
-    return total, unknown
+    if cores is None:
+        return total, unknown
+
+    def took(j: Job) -> float:
+        rec = newest.get((j.recipe.id, j.recipe.profile, j.kind))
+        return rec.duration_s if rec is not None else 0.0
+
+    return pool.makespan(jobs, took, cores), unknown
 
 
 def check_data(jobs: list[Job], data: Optional[str]) -> None:
@@ -261,6 +285,18 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
     todo = {id(j): (status, forced) for j, status, forced in pending(jobs, force)}
     if not dry_run:
         check_data([j for j in jobs if id(j) in todo], launch.data)
+    at_once = 1 if dry_run else launch.at_once()
+    if at_once > 1 and len(todo) > 1:  # side by side, each its own process on its recipe's threads
+        for job in jobs:
+            if id(job) not in todo:
+                counts["skipped"] += 1
+                log(f"[dim]skip[/] {job.label} (done; --force reruns)")
+        ordered = [j for j in jobs if id(j) in todo]
+        log(f"{len(ordered)} job(s), up to {at_once} at once on {pool.machine_cores()} core(s)")
+        got = pool.run_pool(ordered, lambda j: list(invocation(j, launch, todo[id(j)][1]).args),
+                            pool.machine_cores(), at_once, keep_going)
+        counts["done"], counts["failed"] = got["done"], got["failed"]
+        return counts
     for i, job in enumerate(jobs, 1):
         if id(job) not in todo:
             counts["skipped"] += 1
@@ -348,10 +384,12 @@ def dry_run(p: Plan, launch: Launch, force: bool = False) -> None:
         print(f"# {len(todo)} job(s) to run; stated cost {hours:,.1f} A100-class GPU-hours"
               + (f" (no cost stated: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
     else:
-        secs, unknown = measured_seconds(todo)
-        fresh, _ = measured_seconds(p.jobs)
-        print(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations "
-              f"(a fresh run of all {len(p.jobs)}: {fresh / 60:.1f} min)"
+        cores = launch.at_once()
+        secs, unknown = measured_seconds(todo, cores)
+        fresh, _ = measured_seconds(p.jobs, cores)
+        serial, _ = measured_seconds(p.jobs)
+        print(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations, up to {cores} at once "
+              f"(a fresh run of all {len(p.jobs)}: {fresh / 60:.1f} min; one after another: {serial / 60:.1f} min)"
               + (f"; never run here: {', '.join(unknown)}" if unknown else ""), file=sys.stderr)
 
 
