@@ -107,6 +107,35 @@ def decide(state: TokenState, t: torch.Tensor, computed: torch.Tensor, last: boo
     return state, w, halt, b, b_hat
 
 
+def decide_removed(state: TokenState, t: torch.Tensor, computed: torch.Tensor, n_computed: torch.Tensor, last: bool,
+                   may_pause: torch.Tensor, cfg: TPCCfg) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
+    """`decide` for inference, in fewer tensor ops (the removed form's per-layer cost at small batch sizes).
+
+    The same values as `decide`: the same gates, TDR, halting and pausing, the same halting weights, but no
+    ponder cost (ρ stays as it is: it feeds only the training losses), no breaks returned, and what the caller
+    has already counted passed in: n_computed [B, 1] (computed tokens per image), may_pause [B, N] (not CLS).
+    Returns (state, halting weights w, halted here).
+    """
+    if last:  # b̂ = 1: every computed token halts with its remainder
+        halt = computed
+        w = torch.where(computed, state.R, 0.0)
+        return TokenState(state.R, state.rho, state.halted | halt, (state.pause_left - 1).clamp_(min=0)), w, halt
+    p, r_tilde = gates(t, cfg)
+    b = p * r_tilde
+    if cfg.tdr and cfg.xi != 1.0:  # Eq. 9 with the mean over the image's computed tokens
+        mean = torch.where(computed, b, 0.0).sum(1, keepdim=True) / n_computed.clamp(min=1)
+        b = torch.lerp(mean, b, cfg.xi)
+    rem = state.R - b
+    halt = computed & (rem <= cfg.delta)
+    running = computed ^ halt
+    w = torch.where(halt, state.R, torch.where(computed, b, 0.0))
+    R = torch.where(running, rem, state.R)
+    pause_left = (state.pause_left - 1).clamp_(min=0)
+    if cfg.reuse == "pause":
+        pause_left = pause_left.masked_fill_(running & may_pause & (p >= 0.5) & (r_tilde <= 0.5), cfg.pause_span)
+    return TokenState(R, state.rho, state.halted | halt, pause_left), w, halt
+
+
 def finish(state: TokenState, images: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor]:
     """Tokens not yet halted halt here with their remainder: (state, w_end).
 

@@ -298,6 +298,7 @@ class TPCVisionTransformer(VisionTransformer):
         bsz, n, c = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
         is_cls = self._is_cls(bsz, n, x.device)
+        may_pause = ~is_cls
         depth = len(self.blocks)
         rows = torch.arange(bsz, device=x.device)  # original batch index of each image still running
         k = self._n_out(n)  # tokens whose outputs the prediction reads
@@ -307,7 +308,9 @@ class TPCVisionTransformer(VisionTransformer):
         was_paused = torch.zeros_like(is_cls)
         done = torch.zeros(bsz, dtype=torch.bool, device=x.device)
         for i, blk in enumerate(self.blocks):
-            computed, paused = state.computed(), state.paused()
+            running, idle = ~state.halted, state.pause_left == 0
+            computed = running & idle
+            paused = running ^ computed
             kv = computed | paused if self.tpc.paused_as_kv else computed
             pre = torch.stack((computed, kv, paused, computed & was_paused), 1).sum(-1)  # [b, 4]
             host = torch.cat((pre[:, :2], done[:, None]), 1).t().tolist()  # the one host read of this layer
@@ -315,12 +318,13 @@ class TPCVisionTransformer(VisionTransformer):
                 acc, final = self._finish(acc, final, state, rows, done, x)
                 keep = ~done
                 x, acc, rows, is_cls, was_paused = x[keep], acc[keep], rows[keep], is_cls[keep], was_paused[keep]
+                may_pause = may_pause[keep]
                 state, computed, paused, kv, pre = state.index(keep), computed[keep], paused[keep], kv[keep], pre[keep]
                 host = [[v for v, d in zip(h, host[2]) if not d] for h in host[:2]]
                 if not len(rows):
                     break
             x = layer_grouped_(blk, x, computed, kv, host[0], host[1], self.buckets, self.kappa)
-            state, w, halt, _, _ = ctl.decide(state, x, computed, i == depth - 1, is_cls, self.tpc)
+            state, w, halt = ctl.decide_removed(state, x, computed, pre[:, :1], i == depth - 1, may_pause, self.tpc)
             acc = acc.addcmul_(w[:, :k, None], x[:, :k])
             counts[rows, i] = torch.cat((pre, halt.sum(1, keepdim=True)), 1)
             was_paused = paused
