@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from rich.markup import escape
+
 from tpcrepro import paths
 from tpcrepro.errors import Interrupted, UserError
 from tpcrepro.progress import log
@@ -152,7 +154,7 @@ class _Child:
                 f.write(line)
                 f.flush()
                 self.tail = (self.tail + [line.rstrip()])[-5:]
-                log(f"[dim]{label}[/] {line.rstrip()}")
+                log(f"[dim]{escape(label)}[/] {escape(line.rstrip())}", wrap=False)
 
 
 def run_pool(todo: list, args_of: Callable, cores: int, limit: int, keep_going: bool = False) -> dict[str, int]:
@@ -173,7 +175,7 @@ def run_pool(todo: list, args_of: Callable, cores: int, limit: int, keep_going: 
                     child = _Child(j, args_of(j), threads)
                     children.append(child)
                     log(f"[bold]start[/] {j.label} on {threads} core(s) "
-                        f"({counts['done'] + counts['failed'] + len(children)}/{n}; log {child.log})")
+                        f"({counts['done'] + counts['failed'] + len(children)}/{n}; log {child.log})", wrap=False)
             if not children:
                 break
             time.sleep(0.2)

@@ -10,8 +10,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 console = Console(stderr=True)
 
 
-def log(msg: str) -> None:
-    console.print(msg, highlight=False)
+def log(msg: str, wrap: bool = True) -> None:
+    """A console line (rich markup); wrap=False keeps it one line however long (a job's own output, copied)."""
+    console.print(msg, highlight=False, soft_wrap=not wrap)
 
 
 def bars_enabled() -> bool:

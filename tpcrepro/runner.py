@@ -286,7 +286,8 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
     if not dry_run:
         check_data([j for j in jobs if id(j) in todo], launch.data)
     at_once = 1 if dry_run else launch.at_once()
-    if at_once > 1 and len(todo) > 1:  # side by side, each its own process on its recipe's threads
+    trainings = sum(j.kind == "train" for j in jobs if id(j) in todo)
+    if at_once > 1 and trainings > 1:  # side by side, each its own process on its recipe's threads (else: here)
         for job in jobs:
             if id(job) not in todo:
                 counts["skipped"] += 1
