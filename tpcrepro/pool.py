@@ -110,9 +110,6 @@ class _Queue:
         self.running -= 1
         (self.finished if ok else self.failed).add(key_of(job))
 
-    def stuck(self) -> bool:
-        return bool(self.waiting) and self.running == 0
-
 
 def makespan(jobs: list, seconds: Callable, cores: int, limit: Optional[int] = None) -> float:
     """Wall-clock seconds the pool takes for `jobs` when each takes `seconds(job)`: the pool's rules, simulated."""
