@@ -232,10 +232,11 @@ def gpu_hours(jobs: list[Job]) -> tuple[float, list[str]]:
     return total, unknown
 
 
-def measured_seconds(jobs: list[Job], cores: Optional[int] = None) -> tuple[float, list[str]]:
+def measured_seconds(jobs: list[Job], cores: Optional[int] = None, limit: Optional[int] = None) -> tuple[float, list[str]]:
     """What `jobs` took when last run here: each job's newest done record of its recipe and kind (any seed).
 
-    cores: the wall clock of `run --jobs` on that many cores (the pool's rules, simulated); None: one after another.
+    cores: the wall clock of `run --jobs limit` on that many cores (the pool's rules, simulated); None: one after
+    another.
     Returns (seconds, recipes never run). On the machine that made the records this is the cost of a fresh run.
     With --results elsewhere, the repository's committed records count too.
     """
@@ -251,22 +252,15 @@ def measured_seconds(jobs: list[Job], cores: Optional[int] = None) -> tuple[floa
             key = (r.recipe, r.profile, r.kind)
             if key not in newest or r.started_at > newest[key].started_at:
                 newest[key] = r
-    total, unknown = 0.0, []
-    for j in jobs:
-        rec = newest.get((j.recipe.id, j.recipe.profile, j.kind))
-        if rec is None:
-            if j.recipe.id not in unknown:
-                unknown.append(j.recipe.id)
-        else:
-            total += rec.duration_s
-    if cores is None:
-        return total, unknown
+    unknown = list(dict.fromkeys(j.recipe.id for j in jobs if (j.recipe.id, j.recipe.profile, j.kind) not in newest))
 
     def took(j: Job) -> float:
         rec = newest.get((j.recipe.id, j.recipe.profile, j.kind))
         return rec.duration_s if rec is not None else 0.0
 
-    return pool.makespan(jobs, took, cores), unknown
+    if cores is None:
+        return sum(map(took, jobs)), unknown
+    return pool.makespan(jobs, took, cores, limit), unknown
 
 
 def check_data(jobs: list[Job], data: Optional[str]) -> None:
@@ -385,11 +379,12 @@ def dry_run(p: Plan, launch: Launch, force: bool = False) -> None:
         print(f"# {len(todo)} job(s) to run; stated cost {hours:,.1f} A100-class GPU-hours"
               + (f" (no cost stated: {', '.join(unknown)})" if unknown else ""), file=sys.stderr)
     else:
-        cores = launch.at_once()
-        secs, unknown = measured_seconds(todo, cores)
-        fresh, _ = measured_seconds(p.jobs, cores)
+        at_once = launch.at_once()
+        cores = min(at_once, pool.machine_cores())  # the pool's cores, or one job after another
+        secs, unknown = measured_seconds(todo, cores, at_once)
+        fresh, _ = measured_seconds(p.jobs, cores, at_once)
         serial, _ = measured_seconds(p.jobs)
-        print(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations, up to {cores} at once "
+        print(f"# {len(todo)} job(s) to run, {secs / 60:.1f} min by the records' durations, up to {at_once} at once "
               f"(a fresh run of all {len(p.jobs)}: {fresh / 60:.1f} min; one after another: {serial / 60:.1f} min)"
               + (f"; never run here: {', '.join(unknown)}" if unknown else ""), file=sys.stderr)
 
