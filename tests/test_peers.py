@@ -120,6 +120,24 @@ def test_smoke_recipes_train(recipe):
     assert rec.status == "done" and rec.metrics["n_val"] == 64
 
 
+def test_dynamicvit_backbone_stays_frozen_from_the_first_step(tmp_path):
+    """Frozen epochs leave every backbone weight as it started, the first step included; the predictors learn."""
+    from conftest import FAST
+    from tpcrepro import weights
+    from tpcrepro.jobs import run_job
+    from tpcrepro.models import method_kwargs
+    from tpcrepro.recipe import load_recipe
+
+    r = load_recipe("smoke/dynamicvit", FAST + ("train.epochs=1", "model.init_from=null", "dynamicvit.freeze_epochs=1"))
+    torch.manual_seed(0)  # the job's initialisation (jobs._train)
+    start = weights.create(r.model, **method_kwargs(r)).state_dict()
+    run_job(r, "train", seed=0, run_dir=tmp_path / "r")
+    end = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["model"]
+    backbone = [k for k in start if not k.startswith("predictors.")]
+    assert backbone and all(torch.equal(start[k], end[k]) for k in backbone)
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("predictors."))
+
+
 def test_tome_counts_macs_and_r_zero_is_the_backbone():
     from tpcrepro.models.tome import ToMeCfg
 

@@ -297,6 +297,10 @@ class Fit:
         if isinstance(self.model, api.GroupedLR):  # per-group lr (DynamicViT: backbone 0.01x, frozen at first)
             for g in self.optimizer.param_groups:
                 g["lr_scale"] = self.model.lr_scale(g["name"], epoch)
+            # The scheduler applies lr_scale when it sets a group's lr, and it last did so after the previous
+            # epoch's final step (or, for the first epoch, never): set the lr again now, or the epoch's first
+            # step runs at the old scale (a frozen backbone's first step at the predictors' full lr).
+            self.scheduler.step_update(epoch * self.steps_per_epoch)
         _seed_epoch(self.seed, epoch, d.rank)
         data_mod.set_epoch(self.train_loader.dataset, epoch)  # scenes: this epoch's fresh draws
         if hasattr(self.train_loader.sampler, "set_epoch"):  # the offset gives each seed its own order
