@@ -63,6 +63,18 @@ def test_masked_and_removed_forms_agree(cfg, kappa):
     assert (removed["stats"]["halted"][:, :-1].sum() > 0)  # the test exercises halting
 
 
+def test_removed_form_follows_new_weights_and_dtypes():
+    """The removed form's cached query/key-value weight views follow load_state_dict and .to(dtype)."""
+    _, tpc = smoke_pair(ACTIVE)
+    x = images(4)
+    with torch.no_grad():
+        tpc(x)  # the views are made and kept here
+        _, other = smoke_pair(ACTIVE, seed=3)
+        tpc.load_state_dict(other.state_dict())
+        assert torch.equal(tpc(x), other(x))
+        assert torch.equal(tpc.double()(x.double()), other.double()(x.double()))
+
+
 def test_kappa_at_least_n_equals_dense_tpc():
     _, dense = smoke_pair(ACTIVE)
     _, wide = smoke_pair(ACTIVE, kappa=65)

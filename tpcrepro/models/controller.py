@@ -54,11 +54,12 @@ def gates(t: torch.Tensor, cfg: TPCCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """
     sign = -1.0 if cfg.gate_sign == "minus" else 1.0
     i, j = cfg.gate_dims
+    f32 = (lambda v: v) if t.dtype == torch.float32 else (lambda v: v.float())  # noqa: E731  (no op when fp32)
     if cfg.single_gate:
-        p = torch.sigmoid(cfg.gamma * t[..., i].float() + sign * cfg.beta)
+        p = torch.sigmoid(cfg.gamma * f32(t[..., i]) + sign * cfg.beta)
         return p, torch.ones_like(p)
     both = t[..., i : i + 2] if j == i + 1 else t[..., [i, j]]
-    g = torch.sigmoid(cfg.gamma * both.float() + sign * cfg.beta)
+    g = torch.sigmoid(cfg.gamma * f32(both) + sign * cfg.beta)
     return g[..., 0], g[..., 1]
 
 

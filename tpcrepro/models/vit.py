@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tpcrepro import flops
@@ -63,6 +64,22 @@ def layer_masked(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.
     return torch.where(computed[..., None], new, x)
 
 
+def qkv_split(qkv: torch.nn.Linear, c: int) -> tuple:
+    """The query rows and the key/value rows of a qkv projection's weight and bias, as views.
+
+    Kept on the module between calls (slicing them anew is a few tensor ops per layer); a new weight
+    (another device or dtype), an in-place change (load_state_dict) or another grad mode makes new views.
+    """
+    w, bias = qkv.weight, qkv.bias
+    key = (w.data_ptr(), w._version, None if bias is None else (bias.data_ptr(), bias._version),
+           torch.is_inference_mode_enabled(), torch.is_grad_enabled(), c)
+    cached = qkv.__dict__.get("_tpc_split")
+    if cached is None or cached[0] != key:
+        cached = (key, (w[:c], None if bias is None else bias[:c], w[c:], None if bias is None else bias[c:]))
+        qkv.__dict__["_tpc_split"] = cached
+    return cached[1]
+
+
 def block_sets(blk: Block, x_kv: torch.Tensor, nq: int, valid: Optional[torch.Tensor],
                kappa: Optional[int]) -> torch.Tensor:
     """A timm block whose queries are the first nq rows of its keys/values x_kv [B, Nk, C] -> [B, nq, C].
@@ -76,16 +93,22 @@ def block_sets(blk: Block, x_kv: torch.Tensor, nq: int, valid: Optional[torch.Te
     if nq == nk:
         q, k, v = a.qkv(h).reshape(b, nk, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
     else:
-        w, bias = a.qkv.weight, a.qkv.bias
-        q = F.linear(h[:, :nq], w[:c], None if bias is None else bias[:c])
-        q = q.reshape(b, nq, a.num_heads, a.head_dim).transpose(1, 2)
-        kv = F.linear(h, w[c:], None if bias is None else bias[c:])
+        wq, bq, wkv, bkv = qkv_split(a.qkv, c)
+        q = F.linear(h[:, :nq], wq, bq).reshape(b, nq, a.num_heads, a.head_dim).transpose(1, 2)
+        kv = F.linear(h, wkv, bkv)
         k, v = kv.reshape(b, nk, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
     q, k = a.q_norm(q), a.k_norm(k)
     o = attention(q, k, v, None if valid is None else valid[:, None, None, :], kappa, a.scale, 0.0)
     o = a.proj(a.norm(o.transpose(1, 2).reshape(b, nq, c)))
     x = x_kv[:, :nq] + blk.ls1(o)
-    return x + blk.ls2(blk.mlp(blk.norm2(x)))
+    return x + blk.ls2(mlp_eval(blk.mlp, blk.norm2(x)))
+
+
+def mlp_eval(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's Mlp without its dropouts when they do nothing (inference, or p = 0); any other MLP as it is."""
+    if type(mlp) is Mlp and (not mlp.training or mlp.drop1.p == mlp.drop2.p == 0.0):
+        return mlp.fc2(mlp.norm(mlp.act(mlp.fc1(x))))
+    return mlp(x)
 
 
 def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor, sizes: tuple,
@@ -112,7 +135,7 @@ def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.T
     new = block_sets(blk, x_kv, nq, None if valid is None else valid > 0, kappa)
     if ragged:  # rows past an image's own count are padding: they keep their value
         new = torch.where((valid[:, :nq] == 2)[..., None], new, x_kv[:, :nq])
-    xf.index_copy_(0, flat[:, :nq].reshape(-1), new.reshape(-1, c).to(x.dtype))
+    xf.index_copy_(0, flat[:, :nq].reshape(-1), new.reshape(-1, c) if new.dtype == x.dtype else new.reshape(-1, c).to(x.dtype))
     return x
 
 
@@ -292,46 +315,63 @@ class TPCVisionTransformer(VisionTransformer):
     def forward_removed(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
         """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's).
 
-        Per layer one host read (each image's computed and kv counts, and which images ended) drives
-        the packing and the batch shrinking; the stats rows are assembled once at the end."""
+        Per layer one host read (each image's computed, kv, paused and restarted counts, its halted total and
+        whether its CLS has halted) drives the packing and the batch shrinking, and gives the stats rows, which
+        are kept on the host and become one tensor at the end."""
         x = self._embed(x, box).contiguous()
         bsz, n, c = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
         is_cls = self._is_cls(bsz, n, x.device)
         may_pause = ~is_cls
+        first = torch.zeros(1, n, dtype=torch.bool, device=x.device)
+        first[0, 0] = True  # the CLS token: an image ends once it has halted
         depth = len(self.blocks)
         rows = torch.arange(bsz, device=x.device)  # original batch index of each image still running
+        images = list(range(bsz))  # the same on the host
         k = self._n_out(n)  # tokens whose outputs the prediction reads
         acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
-        counts = torch.zeros(bsz, depth, 5, dtype=torch.long, device=x.device)  # (n_q, n_kv, paused, restarted, halted)
+        counts = [[[0] * 5 for _ in range(depth)] for _ in range(bsz)]  # (n_q, n_kv, paused, restarted, halted)
+        halted_before = [0] * bsz  # each image's halted tokens before the layer (the halted row is the difference)
         was_paused = torch.zeros_like(is_cls)
-        done = torch.zeros(bsz, dtype=torch.bool, device=x.device)
         for i, blk in enumerate(self.blocks):
             running, idle = ~state.halted, state.pause_left == 0
             computed = running & idle
             paused = running ^ computed
             kv = computed | paused if self.tpc.paused_as_kv else computed
-            pre = torch.stack((computed, kv, paused, computed & was_paused), 1).sum(-1)  # [b, 4]
-            host = torch.cat((pre[:, :2], done[:, None]), 1).t().tolist()  # the one host read of this layer
-            if any(host[2]):  # images whose CLS halted at the previous layer end there (ctl.finish) and leave
-                acc, final = self._finish(acc, final, state, rows, done, x)
-                keep = ~done
+            sums = torch.stack((computed, kv, paused, computed & was_paused, state.halted, state.halted & first),
+                               1).sum(-1)
+            host = sums.tolist()  # the one host read of this layer: [images][6]
+            if i:
+                for j, h in zip(images, host):
+                    counts[j][i - 1][4], halted_before[j] = h[4] - halted_before[j], h[4]
+            done = [h[5] > 0 for h in host]
+            if any(done):  # images whose CLS halted at the previous layer end there (ctl.finish) and leave
+                ended = torch.tensor(done, device=x.device)
+                acc, final = self._finish(acc, final, state, rows, ended, x)
+                keep = ~ended
                 x, acc, rows, is_cls, was_paused = x[keep], acc[keep], rows[keep], is_cls[keep], was_paused[keep]
                 may_pause = may_pause[keep]
-                state, computed, paused, kv, pre = state.index(keep), computed[keep], paused[keep], kv[keep], pre[keep]
-                host = [[v for v, d in zip(h, host[2]) if not d] for h in host[:2]]
-                if not len(rows):
+                state, computed, paused, kv, sums = (state.index(keep), computed[keep], paused[keep], kv[keep],
+                                                     sums[keep])
+                images = [j for j, d in zip(images, done) if not d]
+                host = [h for h, d in zip(host, done) if not d]
+                if not images:
                     break
-            x = layer_grouped_(blk, x, computed, kv, host[0], host[1], self.buckets, self.kappa)
-            state, w, halt = ctl.decide_removed(state, x, computed, pre[:, :1], i == depth - 1, may_pause, self.tpc)
+            for j, h in zip(images, host):
+                counts[j][i][:4] = h[:4]
+            x = layer_grouped_(blk, x, computed, kv, [h[0] for h in host], [h[1] for h in host], self.buckets,
+                               self.kappa)
+            state, w, halt = ctl.decide_removed(state, x, computed, sums[:, :1], i == depth - 1, may_pause, self.tpc)
             acc = acc.addcmul_(w[:, :k, None], x[:, :k])
-            counts[rows, i] = torch.cat((pre, halt.sum(1, keepdim=True)), 1)
             was_paused = paused
-            done = state.halted[:, 0]
         else:  # after the last layer every token has halted (b̂ = 1): the images still running end here
-            acc, final = self._finish(acc, final, state, rows, torch.ones_like(done), x)
-        stats = {key: counts[..., j] for key, j in zip(STAT_KEYS, (0, 1, 2, 4, 3))}
+            for j, h in zip(images, host):
+                counts[j][depth - 1][4] = h[0]  # every computed token halts at the last layer
+            acc, final = self._finish(acc, final, state, rows, torch.ones(len(images), dtype=torch.bool,
+                                                                            device=x.device), x)
+        table = torch.tensor(counts, dtype=torch.long, device=x.device)
+        stats = {key: table[..., j] for key, j in zip(STAT_KEYS, (0, 1, 2, 4, 3))}
         return {**self._outputs(final, box, token_labels), "stats": stats}
 
     def _finish(self, acc, final, state, rows, ended, x):
