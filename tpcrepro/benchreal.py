@@ -32,8 +32,10 @@ def backbones() -> dict[str, str]:
 
 
 def _args(m: torch.nn.Module) -> dict:
+    """The shape arguments that build another model of m's family on m's input and tokens (a recipe sets them)."""
     pe = m.patch_embed
-    return dict(num_classes=m.num_classes, img_size=pe.img_size[0] if isinstance(pe.img_size, tuple) else pe.img_size,
+    first = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+    return dict(num_classes=m.num_classes, img_size=first(pe.img_size), patch_size=first(pe.patch_size),
                 in_chans=getattr(pe, "conv1", pe.proj).in_channels)
 
 
