@@ -128,7 +128,7 @@ def write_records(out: dict) -> list:
     paths = []
     for r in out["runs"]:
         rec = {"model": out["model"], "backbone": out["backbone_name"], "mode": out["mode"], "source": out["source"],
-               "target_macs": out["target_macs"], **{k: v for k, v in r.items() if k != "settings"},
+               "run": out["run"], "target_macs": out["target_macs"], **{k: v for k, v in r.items() if k != "settings"},
                "settings": r["settings"]}
         paths.append(write_bench_record(rec))
     return paths
@@ -155,6 +155,11 @@ def real_rows(recs: list) -> list[dict]:
             best[key] = r
     return [{**r.metrics, "model": r.recipe.removeprefix("bench/"), "settings": r.settings, "started_at": r.started_at}
             for r in best.values()]
+
+
+def cpu_name(settings: dict) -> str:
+    """The device's name without its core and thread counts (the table has them)."""
+    return str(settings.get("device_name", "?")).split(" (")[0]
 
 
 def markdown(recs: list) -> str:
@@ -184,13 +189,14 @@ def markdown(recs: list) -> str:
             lines.append(f"- {label}: not measured")
             continue
         cells = ", ".join(f"{r['removed_ratio']:.2f}× (batch {r['batch_size']}, {r['settings']['threads']} "
-                          f"thread{'s' * (r['settings']['threads'] > 1)})" for r in got)
+                          f"thread{'s' * (r['settings']['threads'] > 1)}, {cpu_name(r['settings'])})" for r in got)
         verdict = "holds" if all(r["removed_ratio"] >= need for r in got) else (
             "holds in part" if any(r["removed_ratio"] >= need for r in got) else "does not hold")
         lines.append(f"- {label}: {cells}: **{verdict}**")
     trained = [r for r in rows if r.get("run")]
     if trained:
-        cells = ", ".join(f"{r['model']} batch {r['batch_size']}: {r['removed_ratio']:.2f}×" for r in trained)
+        cells = ", ".join(f"{r['run']} batch {r['batch_size']}: {r['removed_ratio']:.2f}× ({cpu_name(r['settings'])})"
+                          for r in trained)
         verdict = "holds" if all(r["removed_ratio"] >= 1.0 for r in trained) else "does not hold"
         lines.append(f"- a trained smoke TPC not slower than its dense backbone: {cells}: **{verdict}**")
     return "\n".join(lines)
