@@ -135,7 +135,8 @@ def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.T
     new = block_sets(blk, x_kv, nq, None if valid is None else valid > 0, kappa)
     if ragged:  # rows past an image's own count are padding: they keep their value
         new = torch.where((valid[:, :nq] == 2)[..., None], new, x_kv[:, :nq])
-    xf.index_copy_(0, flat[:, :nq].reshape(-1), new.reshape(-1, c) if new.dtype == x.dtype else new.reshape(-1, c).to(x.dtype))
+    new = new.reshape(-1, c)
+    xf.index_copy_(0, flat[:, :nq].reshape(-1), new if new.dtype == x.dtype else new.to(x.dtype))
     return x
 
 
@@ -362,7 +363,7 @@ class TPCVisionTransformer(VisionTransformer):
                 counts[j][i][:4] = h[:4]
             x = layer_grouped_(blk, x, computed, kv, [h[0] for h in host], [h[1] for h in host], self.buckets,
                                self.kappa)
-            state, w, halt = ctl.decide_removed(state, x, computed, sums[:, :1], i == depth - 1, may_pause, self.tpc)
+            state, w, _ = ctl.decide_removed(state, x, computed, sums[:, :1], i == depth - 1, may_pause, self.tpc)
             acc = acc.addcmul_(w[:, :k, None], x[:, :k])
             was_paused = paused
         else:  # after the last layer every token has halted (b̂ = 1): the images still running end here
