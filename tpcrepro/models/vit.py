@@ -316,9 +316,9 @@ class TPCVisionTransformer(VisionTransformer):
     def forward_removed(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
         """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's).
 
-        Per layer one host read (each image's computed, kv, paused and restarted counts, its halted total and
-        whether its CLS has halted) drives the packing and the batch shrinking, and gives the stats rows, which
-        are kept on the host and become one tensor at the end."""
+        Per layer one host read (each image's computed, kv, paused and restarted counts, the tokens it halted at the
+        previous layer and whether its CLS has halted) drives the packing and the batch shrinking and gives the
+        stats rows, which are kept on the host and become one tensor at the end."""
         x = self._embed(x, box).contiguous()
         bsz, n, c = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
@@ -327,32 +327,31 @@ class TPCVisionTransformer(VisionTransformer):
         first = torch.zeros(1, n, dtype=torch.bool, device=x.device)
         first[0, 0] = True  # the CLS token: an image ends once it has halted
         depth = len(self.blocks)
-        rows = torch.arange(bsz, device=x.device)  # original batch index of each image still running
-        images = list(range(bsz))  # the same on the host
+        images = list(range(bsz))  # original batch index of each image still running
         k = self._n_out(n)  # tokens whose outputs the prediction reads
         acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         counts = [[[0] * 5 for _ in range(depth)] for _ in range(bsz)]  # (n_q, n_kv, paused, restarted, halted)
-        halted_before = [0] * bsz  # each image's halted tokens before the layer (the halted row is the difference)
         was_paused = torch.zeros_like(is_cls)
+        was_halted = torch.zeros_like(is_cls)  # halted at the previous layer (its row is read with this layer's)
         for i, blk in enumerate(self.blocks):
             running, idle = ~state.halted, state.pause_left == 0
             computed = running & idle
             paused = running ^ computed
             kv = computed | paused if self.tpc.paused_as_kv else computed
-            sums = torch.stack((computed, kv, paused, computed & was_paused, state.halted, state.halted & first),
+            sums = torch.stack((computed, kv, paused, computed & was_paused, was_halted, state.halted & first),
                                1).sum(-1)
             host = sums.tolist()  # the one host read of this layer: [images][6]
             if i:
                 for j, h in zip(images, host):
-                    counts[j][i - 1][4], halted_before[j] = h[4] - halted_before[j], h[4]
+                    counts[j][i - 1][4] = h[4]
             done = [h[5] > 0 for h in host]
             if any(done):  # images whose CLS halted at the previous layer end there (ctl.finish) and leave
                 ended = torch.tensor(done, device=x.device)
-                acc, final = self._finish(acc, final, state, rows, ended, x)
+                acc, final = self._finish(acc, final, state, images, ended, x)
                 keep = ~ended
-                x, acc, rows, is_cls, was_paused = x[keep], acc[keep], rows[keep], is_cls[keep], was_paused[keep]
-                may_pause = may_pause[keep]
+                x, acc, is_cls, may_pause = x[keep], acc[keep], is_cls[keep], may_pause[keep]
+                was_paused, was_halted = was_paused[keep], was_halted[keep]
                 state, computed, paused, kv, sums = (state.index(keep), computed[keep], paused[keep], kv[keep],
                                                      sums[keep])
                 images = [j for j, d in zip(images, done) if not d]
@@ -363,23 +362,26 @@ class TPCVisionTransformer(VisionTransformer):
                 counts[j][i][:4] = h[:4]
             x = layer_grouped_(blk, x, computed, kv, [h[0] for h in host], [h[1] for h in host], self.buckets,
                                self.kappa)
-            state, w, _ = ctl.decide_removed(state, x, computed, sums[:, :1], i == depth - 1, may_pause, self.tpc)
+            state, w, was_halted = ctl.decide_removed(state, x, computed, sums[:, :1], i == depth - 1, may_pause,
+                                                      self.tpc)
             acc = acc.addcmul_(w[:, :k, None], x[:, :k])
             was_paused = paused
         else:  # after the last layer every token has halted (b̂ = 1): the images still running end here
             for j, h in zip(images, host):
                 counts[j][depth - 1][4] = h[0]  # every computed token halts at the last layer
-            acc, final = self._finish(acc, final, state, rows, torch.ones(len(images), dtype=torch.bool,
-                                                                            device=x.device), x)
+            acc, final = self._finish(acc, final, state, images, torch.ones(len(images), dtype=torch.bool,
+                                                                              device=x.device), x)
         table = torch.tensor(counts, dtype=torch.long, device=x.device)
         stats = {key: table[..., j] for key, j in zip(STAT_KEYS, (0, 1, 2, 4, 3))}
         return {**self._outputs(final, box, token_labels), "stats": stats}
 
-    def _finish(self, acc, final, state, rows, ended, x):
-        """Tokens of the `ended` images not yet halted add their remainder (ctl.finish); their output is final."""
+    def _finish(self, acc, final, state, images, ended, x):
+        """Tokens of the `ended` images not yet halted add their remainder (ctl.finish); their output is final.
+
+        images: the original batch index of each running image (host ints); ended: bool [running images]."""
         k = acc.shape[1]
         acc = acc + (state.R * ~state.halted)[:, :k, None] * ended[:, None, None] * x[:, :k]
-        final[rows[ended]] = acc[ended]
+        final[torch.tensor(images, device=x.device)[ended]] = acc[ended]
         return acc, final
 
     # -- the model's interface
