@@ -1,71 +1,72 @@
-"""Profile TPC-DeiT-S's removed forward (the real controller) with torch.profiler at batch 1 and 32.
+"""Profile a TPC model's removed forward (the real controller) with torch.profiler, beside its dense backbone.
 
-The gate centre β is set by bisection so the removed forward lands at --macs
-on a calibration batch (DeiT-S weights as timm initialises them, or --checkpoint
-weights are not needed: the cost depends on the counts, not on the values).
-Prints the wall time per forward and the top operators by self CPU time.
+The model is built as `tpcrepro bench` builds it: the backbone's initial
+weights with the gate centre β bisected so the removed forward lands at
+--macs on each profiled batch (the cost depends on the counts, not on the
+values), or a trained run's weights and gates (--run). Prints the wall time
+per forward of dense and removed, the mean tokens per layer, and the top
+operators by self CPU time.
 
-  OMP_NUM_THREADS=1 python scripts/profile_removed.py --macs 2.8e9 --batches 1 32
+  OMP_NUM_THREADS=2 python scripts/profile_removed.py --model tpc_deit_s --macs 2.8e9 --batches 1 32
+  OMP_NUM_THREADS=2 python scripts/profile_removed.py --run smoke/tpc --batches 1 32 --buckets 1 4
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
-import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import tpcrepro.models  # noqa: F401
+from tpcrepro import bench, benchreal
 
 
-def mean_macs(model, x: torch.Tensor) -> float:
-    out = model.forward_removed(x)
-    return float(model.per_image_macs(out["stats"]).double().mean())
-
-
-def bisect_beta(model, x, target: float, iters: int = 14) -> float:
-    lo, hi = -4.0, 12.0  # σ(γ·t − β) on timm's initial DeiT-S weights: all halt early .. none halts
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        model.tpc = dataclasses.replace(model.tpc, beta=mid)
-        lo, hi = (mid, hi) if mean_macs(model, x) < target else (lo, mid)
-    model.tpc = dataclasses.replace(model.tpc, beta=(lo + hi) / 2)
-    return (lo + hi) / 2
+def wall(f, x: torch.Tensor, steps: int) -> float:
+    f(x)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        f(x)
+    return (time.perf_counter() - t0) / steps
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--macs", type=float, default=2.8e9)
+    ap.add_argument("--model", default="tpc_deit_s")
+    ap.add_argument("--run", default=None, help="a trained run's recipe (seed 0), e.g. smoke/tpc")
+    ap.add_argument("--macs", type=float, default=None, help="default: 2.8e9 without --run, the trained gates with it")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--buckets", type=int, nargs="+", default=None, help="the removed form's groups (default: the model's)")
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--no-table", action="store_true", help="wall times only")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    bb = timm.create_model("deit_small_patch16_224").eval()
-    m = timm.create_model("tpc_deit_s").eval()
-    m.load_state_dict(bb.state_dict())
+    macs = args.macs if args.macs is not None or args.run else 2.8e9
+    model, backbone, _, source = benchreal.build(args.model, None, None, args.run)
+    shape = (benchreal._args(model)["in_chans"], *backbone.patch_embed.img_size)
+    print(f"{args.run or args.model}: {source}; threads {torch.get_num_threads()}")
     with torch.inference_mode():
-        beta = bisect_beta(m, torch.randn(8, 3, 224, 224), args.macs)
         for b in args.batches:
-            x = torch.randn(b, 3, 224, 224)
-            macs = mean_macs(m, x)
-            for f in (m.forward_removed, bb):
-                f(x)
-            t = {}
-            for name, f in (("dense", bb), ("removed", m.forward_removed)):
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    f(x)
-                t[name] = (time.perf_counter() - t0) / args.steps
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(args.steps):
-                    m.forward_removed(x)
-            print(f"\n== batch {b}: beta {beta:.4f}, {macs / 1e9:.3f} G MACs, dense {t['dense'] * 1e3:.1f} ms, "
-                  f"removed {t['removed'] * 1e3:.1f} ms ({t['dense'] / t['removed']:.2f}x), threads {torch.get_num_threads()}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=40))
+            x = benchreal.images(b, shape, 0)
+            if macs is not None:
+                bench.calibrate_beta(model, x, macs)
+            stats = model.forward_removed(x)["stats"]
+            got = float(model.per_image_macs(stats).double().mean())
+            tokens = " ".join(f"{v:.0f}" for v in stats["n_q"].double().mean(0).tolist())
+            dense = wall(backbone, x, args.steps)
+            for nb in args.buckets or [model.buckets]:
+                model.buckets = nb
+                t = wall(model.forward_removed, x, args.steps)
+                print(f"\n== batch {b}, buckets {nb}: beta {model.tpc.beta:.4f}, {got / 1e6:.2f} M MACs "
+                      f"(dense {model.macs_all_tokens() / 1e6:.2f} M), tokens {tokens}; dense {dense * 1e3:.2f} ms, "
+                      f"removed {t * 1e3:.2f} ms ({dense / t:.2f}x)")
+                if args.no_table:
+                    continue
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(args.steps):
+                        model.forward_removed(x)
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top,
+                                                max_name_column_width=40))
 
 
 if __name__ == "__main__":

@@ -62,9 +62,9 @@ def test_replayed_counts_reproduce_the_real_forward_cost():
     runner = bench._replay(model, stats)
     orig = bench.layer_grouped_
 
-    def spy(blk, x, computed, kv, nq, nkv, buckets, kappa):
+    def spy(blk, x, computed, kv, nq, nkv, buckets, kappa, overhead=None):
         seen.append((sorted(nq), sorted(nkv)))
-        return orig(blk, x, computed, kv, nq, nkv, buckets, kappa)
+        return orig(blk, x, computed, kv, nq, nkv, buckets, kappa, overhead)
 
     bench.layer_grouped_ = spy
     try:
@@ -93,10 +93,71 @@ def test_readme_speed_block_is_generated_from_the_bench_records(tmp_path):
     out = benchreal.run("tpc_vit_smoke", 15e6, [1], TINY, peers=False)
     benchreal.write_records(out)
     readme = tmp_path / "README.md"
-    readme.write_text("x\n<!-- generated: speed -->\nold\n<!-- /generated -->\ny\n")
+    readme.write_text("x\n<!-- generated: speed -->\nstale text\n<!-- /generated -->\ny\n")
     assert report.update_readme(readme) == 1
     text = readme.read_text()
     r = out["runs"][0]
-    assert "old" not in text and f"| tpc_vit_smoke | set for 0.015 G | 1 |" in text
+    assert "stale text" not in text and f"| tpc_vit_smoke | set for 0.015 G | 1 |" in text
     assert f"{r['removed_ratio']:.2f}×" in text and f"{r['replayed_ratio']:.2f}×" in text
     assert "TPC-DeiT-S at 2.8 G, batch 1: ≥ 1.35× (stretch 1.5×): not measured" in text
+
+
+def test_median_interval_is_the_order_statistics_with_their_binomial_coverage():
+    lo, hi, cover = speed.median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5])
+    assert (lo, hi) == (2, 8) and cover == pytest.approx(1 - 2 * 10 / 512)  # k = 2: 1 - 2 P(Bin(9, 1/2) <= 1)
+    lo, hi, cover = speed.median_interval([3.0, 1.0, 2.0])
+    assert (lo, hi) == (1.0, 3.0) and cover == pytest.approx(0.75)  # below 6 values: the range, 1 - 2^(1-n)
+    assert speed.median_interval([5.0]) == (5.0, 5.0, 0.0)
+    # coverage checked by simulation: the true median of U(0, 1) falls inside about `cover` of the time
+    g = torch.Generator().manual_seed(0)
+    hits = sum(lo <= 0.5 <= hi for lo, hi, _ in (speed.median_interval(torch.rand(9, generator=g).tolist())
+                                                  for _ in range(4000)))
+    assert abs(hits / 4000 - (1 - 2 * 10 / 512)) < 0.015
+
+
+def test_compare_ratio_is_the_median_of_paired_repeats(monkeypatch):
+    base = [1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 2.0]  # the machine slows down on some repeats, for both models
+    times = iter([t for b in base for t in (b, b / 2)])  # the second model is always twice as fast beside it
+    monkeypatch.setattr(speed, "_time_steps", lambda m, x, p: next(times))
+    p = speed.Protocol(batch_size=1, precision="fp32", warmup=0, steps=1, repeats=9, device="cpu")
+    out = speed.compare({"a": torch.nn.Identity(), "b": torch.nn.Identity()}, (1,), p)
+    assert out["b"]["ratio"] == 2.0 and out["b"]["ratio_ci"] == [2.0, 2.0] and out["b"]["repeats"] == 9
+    assert out["b"]["spread"] > 0.5  # the times spread, the paired ratio does not
+
+
+def test_speed_goals_are_judged_from_the_timing_interval():
+    row = lambda lo, hi: {"removed_ratio": (lo + hi) / 2, "removed_ratio_ci": [lo, hi]}  # noqa: E731
+    assert benchreal.verdict([row(1.36, 1.40)], 1.35) == "holds"
+    assert benchreal.verdict([row(1.20, 1.34)], 1.35) == "does not hold"
+    assert benchreal.verdict([row(1.30, 1.40)], 1.35).startswith("unresolved")
+    assert benchreal.verdict([row(1.36, 1.40), row(1.1, 1.2)], 1.35) == "holds in part"
+    assert benchreal.verdict([{"removed_ratio": 1.4}], 1.35) == "holds"  # a record without an interval: its point
+
+
+def test_cost_grouping_runs_narrow_models_unsplit_and_wide_ones_split():
+    from tpcrepro.models.vit import GROUP_OVERHEAD_MACS_CPU, groups
+
+    nq = [20, 25, 30, 35, 40, 45, 50, 55, 60, 65] * 3  # 30 images of spread counts
+    nkv = [v + 5 for v in nq]
+    assert len(groups(nq, 4)) == 4  # no overhead given: the fixed split
+    assert len(groups(nq, 4, nkv, (64, 256), GROUP_OVERHEAD_MACS_CPU)) == 1  # width 64: operators cost, not MACs
+    wide = groups(nq, 4, nkv, (384, 1536), GROUP_OVERHEAD_MACS_CPU)
+    assert len(wide) == 4 and sorted(j for g in wide for j in g) == list(range(30))
+    assert len(groups(nq, 4, nkv, (384, 1536), 1e15)) == 1  # a group costing more than any padding: never split
+    assert len(groups([50] * 30, 4, [50] * 30, (384, 1536), 1.0)) == 1  # equal counts: splitting saves nothing
+
+
+def test_cost_grouping_gives_the_same_counts_and_nearly_the_same_logits():
+    """The grouping only changes how the images are padded: counts and MACs as the fixed split (random weights,
+    no halting sum near its threshold), logits within rounding."""
+    from tpcrepro.models.vit import GROUP_OVERHEAD_MACS_CPU
+
+    model, _, _, _ = benchreal.build("tpc_vit_smoke", None, None, None)
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        bench.calibrate_beta(model, x, 15e6)
+        fixed = bench.run_form(model, x, "removed")
+        grouped = bench.Form(model, "removed", group_overhead_macs=GROUP_OVERHEAD_MACS_CPU).run(x)
+    assert model.group_overhead_macs is None  # set for the call only
+    assert torch.equal(fixed["stats"]["n_q"], grouped["stats"]["n_q"])
+    torch.testing.assert_close(fixed["logits"], grouped["logits"], atol=1e-4, rtol=1e-4)

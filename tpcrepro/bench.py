@@ -17,7 +17,7 @@ import torch
 from tpcrepro import flops, speed
 from tpcrepro.errors import UserError
 from tpcrepro.models import api
-from tpcrepro.models.vit import TPCVisionTransformer, layer_grouped_, layer_masked
+from tpcrepro.models.vit import GROUP_OVERHEAD_MACS_CPU, TPCVisionTransformer, layer_grouped_, layer_masked
 
 
 def uniform_count(dims: flops.ViTDims, n_tokens: int, target_macs: float, kappa: Optional[int] = None) -> int:
@@ -73,7 +73,7 @@ class ScheduleRunner(torch.nn.Module):
             kv = pos[None, :] < self.kv_counts[alive, i : i + 1]
             if self.removed:
                 x = layer_grouped_(blk, x, computed, kv, [nq[j] for j in alive], [nkv[j] for j in alive],
-                                   self.buckets, m.kappa)
+                                   self.buckets, m.kappa, getattr(m, "group_overhead_macs", None))
             else:
                 x = layer_masked(blk, x, computed, kv, m.kappa)
         return m._logits(torch.cat([*ended, x[:, :k]]))
@@ -249,14 +249,26 @@ def calibrate_beta(model: torch.nn.Module, x: torch.Tensor, target: float, iters
 
 
 class Form(torch.nn.Module):
-    """A TPC model's removed or masked forward as a module returning logits (for speed.compare)."""
+    """A TPC model's removed or masked forward as a module returning logits (for speed.compare).
 
-    def __init__(self, model: torch.nn.Module, form: str):
+    overrides: model attributes set for the call only (e.g. group_overhead_macs: the cost-based grouping)."""
+
+    def __init__(self, model: torch.nn.Module, form: str, **overrides):
         super().__init__()
-        self.model, self.form = model, form
+        self.model, self.form, self.overrides = model, form, overrides
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_form(self.model, x, self.form)["logits"]
+        return self.run(x)["logits"]
+
+    def run(self, x: torch.Tensor) -> dict:
+        was = {k: getattr(self.model, k) for k in self.overrides}
+        try:
+            for k, v in self.overrides.items():
+                setattr(self.model, k, v)
+            return run_form(self.model, x, self.form)
+        finally:
+            for k, v in was.items():
+                setattr(self.model, k, v)
 
 
 # the published settings of the token-reduction peers timed beside TPC, per backbone: EViT keep 0.7, ToMe r 13
@@ -287,12 +299,20 @@ def compare_real(model: torch.nn.Module, backbone: torch.nn.Module, x: torch.Ten
     dense_macs = float(model.macs_all_tokens())
     runners = {"dense": backbone, "removed": Form(model, "removed"), "replayed": _replay(model, stats),
                "masked": Form(model, "masked")}
+    forms = {"dense": "the backbone, every token", "removed": "real controller, tokens removed",
+             "replayed": "the real forward's per-image counts, fixed beforehand (ideal removal)",
+             "masked": "real controller, every token kept in the tensor"}
+    extra = {}
+    if x.device.type == "cpu" and getattr(model, "group_overhead_macs", False) is None:  # the opt-in grouping beside
+        grouped = Form(model, "removed", group_overhead_macs=GROUP_OVERHEAD_MACS_CPU)
+        with torch.inference_mode():
+            extra["grouped_macs"] = float(grouped.run(x)["stats"]["macs"].double().mean())
+        runners["grouped"] = grouped
+        forms["grouped"] = (f"real controller, tokens removed, groups by their estimated cost "
+                            f"(group_overhead_macs={GROUP_OVERHEAD_MACS_CPU:g}; opt-in)")
     runners |= peers or {}
     res = speed.compare(runners, tuple(x.shape[1:]), p, inputs=x)
-    out = {"forms": {"dense": "the backbone, every token", "removed": "real controller, tokens removed",
-                     "replayed": "the real forward's per-image counts, fixed beforehand (ideal removal)",
-                     "masked": "real controller, every token kept in the tensor",
-                     **{k: "published setting, random weights" for k in peers or {}}},
+    out = {"forms": {**forms, **{k: "published setting, random weights" for k in peers or {}}}, **extra,
            "macs": macs, "dense_macs": dense_macs, "macs_ratio": dense_macs / macs,
            "masked_macs": float(masked["stats"]["macs"].double().mean()),
            "forms_agree": bool(torch.allclose(removed["logits"], masked["logits"], atol=1e-3, rtol=1e-3)),
@@ -303,5 +323,6 @@ def compare_real(model: torch.nn.Module, backbone: torch.nn.Module, x: torch.Ten
         out[f"{name}_macs_ratio"] = dense_macs / out[f"{name}_macs"]
     for name, r in res.items():
         out |= {f"{name}_images_per_sec": r["images_per_sec"], f"{name}_ratio": r["ratio"],
+                f"{name}_ratio_ci": r["ratio_ci"], f"{name}_ratio_ci_level": r["ratio_ci_level"],
                 f"{name}_latency_ms": r["latency_ms"], f"{name}_spread": r["spread"]}
     return out

@@ -13,6 +13,10 @@ are the model's own (a trained run's). Every figure says its form.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
+from pathlib import Path
 from typing import Optional
 
 import timm
@@ -50,7 +54,9 @@ def build(name: str, kappa: Optional[int], checkpoint: Optional[str], run: Optio
 
         name = load_recipe(run).model.name
         model = jobs.load_run_model(run, seed, checkpoint)
-        source = f"trained run {run} (seed {seed})"
+        path = Path(checkpoint) if checkpoint else jobs.run_dir_for(load_recipe(run), seed) / "checkpoint.pt"
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]  # which weights: a run made on another CPU differs
+        source = f"trained run {run} (seed {seed}, checkpoint sha256 {digest})"
     if name not in known:
         raise UserError(f"bench takes a TPC or A-ViT model ({', '.join(known)}), got '{name}'")
     if not run:
@@ -97,12 +103,25 @@ def run(name: str, target_macs: Optional[float], batch_sizes: list[int], p: spee
         if target_macs is not None and not calib:  # the timed batch is the calibration batch
             with torch.inference_mode(), speed._autocast(p):
                 cal = {"images": b, "seed": 0, **bench.calibrate_beta(model, x, target_macs)}
-        pb = speed.Protocol(**{**p.__dict__, "batch_size": b})
+        pb = speed.Protocol(**{**p.__dict__, "batch_size": b, "steps": steps_for(backbone, x, p)})
         with speed._autocast(pb):
             res = bench.compare_real(model, backbone, x, pb, peer_models if peers else None)
         out["runs"].append({"batch_size": b, "beta": model.tpc.beta, "calibration": cal or out.get("calibration"),
                             **res, "settings": speed.settings(pb)})
     return out
+
+
+def steps_for(backbone: torch.nn.Module, x: torch.Tensor, p: speed.Protocol, segment_s: float = 0.3) -> int:
+    """On a CPU, the steps per timed repeat that make a dense repeat last about `segment_s` (1 to 50; a timer
+    read around one 3 ms forward is mostly noise, 5 forwards of 1.5 s waste minutes); elsewhere the protocol's."""
+    if p.device != "cpu":
+        return p.steps
+    with torch.inference_mode():
+        backbone(x)
+        t0 = time.perf_counter()
+        backbone(x)
+        one = time.perf_counter() - t0
+    return max(1, min(50, math.ceil(segment_s / max(one, 1e-6))))
 
 
 def describe(out: dict) -> str:
@@ -111,14 +130,41 @@ def describe(out: dict) -> str:
     for r in out["runs"]:
         s = r["settings"]
         peers = [k.removesuffix("_ratio") for k in r if k.endswith("_ratio") and not k.endswith("macs_ratio")
-                 and k.removesuffix("_ratio") not in ("dense", "removed", "replayed", "masked")]
+                 and k.removesuffix("_ratio") not in ("dense", "removed", "replayed", "masked", "grouped")]
         cells = " | ".join(f"{k} {r[f'{k}_ratio']:.2f}x (MACs {r[f'{k}_macs_ratio']:.2f}x)" for k in peers)
         lines.append(
-            f"  batch {r['batch_size']} {s['precision']} on {s['device_name']} ({s['threads']} threads), β {r['beta']:.4g}: "
-            f"MACs {r['macs'] / 1e9:.3f} G ({r['macs_ratio']:.2f}x fewer) | removed {r['removed_ratio']:.2f}x | "
-            f"replayed {r['replayed_ratio']:.2f}x | masked {r['masked_ratio']:.2f}x" + (f" | {cells}" if cells else "")
-            + f" | dense {r['dense_images_per_sec']:.1f} img/s")
+            f"  batch {r['batch_size']} {s['precision']} on {s['device_name']}, β {r['beta']:.4g}: "
+            f"MACs {r['macs'] / 1e9:.3f} G ({r['macs_ratio']:.2f}x fewer) | removed {r['removed_ratio']:.2f}x"
+            f"{interval(r, 'removed')} | replayed {r['replayed_ratio']:.2f}x{interval(r, 'replayed')} | "
+            + (f"cost-grouped {r['grouped_ratio']:.2f}x{interval(r, 'grouped')} | " if "grouped_ratio" in r else "")
+            + f"masked {r['masked_ratio']:.2f}x" + (f" | {cells}" if cells else "")
+            + f" | dense {r['dense_images_per_sec']:.1f} img/s ({s['repeats']} repeats of {s['steps']} forward{'s' * (s['steps'] != 1)})")
     return "\n".join(lines)
+
+
+def interval(r: dict, form: str) -> str:
+    """' [lo, hi] (95 %)': the timing interval of a form's ratio, '' in records made before intervals were kept."""
+    ci = r.get(f"{form}_ratio_ci")
+    if not ci:
+        return ""
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}] ({r[f'{form}_ratio_ci_level']:.0%})"
+
+
+def verdict(rows: list[dict], need: float) -> str:
+    """Whether a goal holds, from each row's timing interval (the point ratio where a record has none).
+
+    holds: every row's interval lies at or above `need`; does not hold: every row's lies below it;
+    otherwise unresolved (within the timing noise) or, where rows disagree outright, holds in part.
+    """
+    lo = [r.get("removed_ratio_ci", [r["removed_ratio"]] * 2)[0] for r in rows]
+    hi = [r.get("removed_ratio_ci", [r["removed_ratio"]] * 2)[1] for r in rows]
+    if all(v >= need for v in lo):
+        return "holds"
+    if all(v < need for v in hi):
+        return "does not hold"
+    if any(v >= need for v in lo):
+        return "holds in part"
+    return "unresolved: the timing interval straddles the goal"
 
 
 def write_records(out: dict) -> list:
@@ -170,7 +216,8 @@ def markdown(recs: list) -> str:
         return "(no real-controller bench records: `tpcrepro bench --model tpc_deit_s --macs 2.8e9`)"
     x = lambda r, k: f"{r[k]:.2f}×" if isinstance(r.get(k), (int, float)) else "–"  # noqa: E731
     lines = ["| model | gates | batch | device, threads | MACs (G) | MACs ÷ | TPC removed, real controller | "
-             "the same counts replayed | TPC masked | EViT 0.7 | ToMe r 13 |", "|" + "---|" * 11]
+             "the same counts replayed | TPC removed, cost-grouped (opt-in) | TPC masked | EViT 0.7 | ToMe r 13 |",
+             "|" + "---|" * 12]
     for r in rows:
         s = r["settings"]
         gates = f"set for {r['target_macs'] / 1e9:.3g} G" if r.get("target_macs") else f"trained ({r.get('run')})"
@@ -179,24 +226,29 @@ def markdown(recs: list) -> str:
         peer = lambda k: (f"{r[f'{k}_ratio']:.2f}× (MACs {r[f'{k}_macs_ratio']:.2f}×)"  # noqa: E731
                           if f"{k}_ratio" in r else "–")
         lines.append(f"| {r['model']} | {gates} | {r['batch_size']} | {s['device_name']}, {s['precision']}, "
-                     f"{s['threads']} | {r['macs'] / 1e9:.3f} | {r['macs_ratio']:.2f}× | {x(r, 'removed_ratio')} | "
-                     f"{x(r, 'replayed_ratio')} | {x(r, 'masked_ratio')} | {peer('evit')} | {peer('tome')} |")
-    lines += ["", "Every ratio is to the dense backbone timed in the same run (interleaved, one process). Goals:"]
+                     f"{s['threads']} | {r['macs'] / 1e9:.3f} | {r['macs_ratio']:.2f}× | {x(r, 'removed_ratio')}"
+                     f"{interval(r, 'removed')} | {x(r, 'replayed_ratio')}{interval(r, 'replayed')} | "
+                     f"{x(r, 'grouped_ratio')}{interval(r, 'grouped')} | {x(r, 'masked_ratio')} | {peer('evit')} | "
+                     f"{peer('tome')} |")
+    lines += ["", "Every ratio is the median over repeats of the ratio to the dense backbone timed beside it "
+              "(interleaved, one process); [lo, hi] is a distribution-free interval for that median (its coverage in "
+              "brackets). A goal holds when the interval lies at or above it, fails when below, else is unresolved; "
+              "it is judged from the rows that have an interval where there are any. Goals:"]
     for model, batch_ok, need, label in GOALS:
         got = [r for r in rows if r["model"] == model and batch_ok(r["batch_size"]) and not r.get("run")
                and r.get("target_macs") and abs(r["target_macs"] - 2.8e9) < 1e7 and not r.get("kappa")]
+        got = [r for r in got if r.get("removed_ratio_ci")] or got  # judged from the rows with a timing interval
         if not got:
             lines.append(f"- {label}: not measured")
             continue
-        cells = ", ".join(f"{r['removed_ratio']:.2f}× (batch {r['batch_size']}, {r['settings']['threads']} "
-                          f"thread{'s' * (r['settings']['threads'] > 1)}, {cpu_name(r['settings'])})" for r in got)
-        verdict = "holds" if all(r["removed_ratio"] >= need for r in got) else (
-            "holds in part" if any(r["removed_ratio"] >= need for r in got) else "does not hold")
-        lines.append(f"- {label}: {cells}: **{verdict}**")
+        cells = ", ".join(f"{r['removed_ratio']:.2f}×{interval(r, 'removed')} (batch {r['batch_size']}, "
+                          f"{r['settings']['threads']} thread{'s' * (r['settings']['threads'] > 1)}, "
+                          f"{cpu_name(r['settings'])})" for r in got)
+        lines.append(f"- {label}: {cells}: **{verdict(got, need)}**")
     trained = [r for r in rows if r.get("run")]
+    trained = [r for r in trained if r.get("removed_ratio_ci")] or trained
     if trained:
-        cells = ", ".join(f"{r['run']} batch {r['batch_size']}: {r['removed_ratio']:.2f}× ({cpu_name(r['settings'])})"
-                          for r in trained)
-        verdict = "holds" if all(r["removed_ratio"] >= 1.0 for r in trained) else "does not hold"
-        lines.append(f"- a trained smoke TPC not slower than its dense backbone: {cells}: **{verdict}**")
+        cells = ", ".join(f"{r['run']} batch {r['batch_size']}: {r['removed_ratio']:.2f}×{interval(r, 'removed')} "
+                          f"({cpu_name(r['settings'])})" for r in trained)
+        lines.append(f"- a trained smoke TPC not slower than its dense backbone: {cells}: **{verdict(trained, 1.0)}**")
     return "\n".join(lines)

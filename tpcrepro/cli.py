@@ -206,6 +206,8 @@ def bench(
                                              "(default 256 on CUDA, 32 on CPU; 1: batch 1 only)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16 | fp32."),
     peers: bool = typer.Option(True, "--peers/--no-peers", help="Time EViT and ToMe at their published settings too."),
+    repeats: int = typer.Option(9, "--repeats", min=1, help="Timed repeats per form, interleaved; each ratio is the "
+                                "median of the per-repeat ratios, with a distribution-free interval (95 % from 9 on)."),
     schedule: bool = typer.Option(False, "--schedule", help="The fixed-schedule benchmark mode instead (no controller)."),
     spread: float = typer.Option(0.5, "--spread", help="--schedule: per-image counts vary by ± this fraction of the mean."),
     record: bool = typer.Option(True, "--record/--no-record", help="Write records to results/records."),
@@ -216,7 +218,7 @@ def bench(
     With --macs the gate centre β is bisected so the real removed forward lands there. Every figure is a ratio to
     the dense backbone measured in the same run, at batch 1 and at --batch-size; the records say which form each is.
     """
-    from tpcrepro import benchreal, measure
+    from tpcrepro import benchreal, measure, speed
 
     if schedule:
         out = measure.bench_schedule(model, macs or 2.8e9, kappa, spread, device, batch_size, precision)
@@ -225,6 +227,7 @@ def bench(
         typer.echo(json.dumps(out) if as_json else measure.describe_bench_schedule(out))
         return
     p = measure.protocol(device, batch_size, precision, False)
+    p = speed.Protocol(**{**p.__dict__, "repeats": repeats})
     sizes = list(dict.fromkeys([1, p.batch_size]))
     out = benchreal.run(model, macs, sizes, p, kappa, checkpoint, run, calib, peers)
     if record:

@@ -4,12 +4,15 @@ Eval mode, inference mode, random input already on the device, warm-up
 steps, then timed steps between device syncs (CUDA events on GPU), median
 over repeats. Models compared in one call are timed interleaved, repeat by
 repeat, so the baseline is re-measured in the same process on the same card
-and drift hits all of them alike. Never times the data pipeline.
+and drift hits all of them alike; a model's ratio is the median of its
+per-repeat ratios to the baseline timed beside it, with a distribution-free
+interval for that median (order statistics). Never times the data pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -39,6 +42,25 @@ class Protocol(ThroughputCfg):
     def cpu_default(cls, **kw) -> "Protocol":
         """A shorter protocol for a laptop CPU: same steps, smaller numbers."""
         return cls(**{**dict(batch_size=32, precision="fp32", warmup=2, steps=5, repeats=3, device="cpu"), **kw})
+
+
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """A distribution-free interval for the median of `values`: (lo, hi, its coverage).
+
+    The k-th smallest and k-th largest values cover the median with probability
+    1 − 2·P(Binomial(n, ½) < k); k is the largest with coverage ≥ level. Below
+    6 values no k reaches 95 %: the interval is then the range, with its
+    (lower) coverage 1 − 2^(1−n) said.
+    """
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no values")
+    cover = lambda k: 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0 ** n  # noqa: E731
+    k = 1
+    while k + 1 <= (n + 1) // 2 and cover(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k], max(0.0, cover(k))
 
 
 def _autocast(p: Protocol):
@@ -85,14 +107,16 @@ def compare(models: dict[str, nn.Module], input_shape: tuple, p: Protocol,
         for _ in range(p.repeats):
             for n, m in prepared.items():
                 times[n].append(_time_steps(m, x, p))
-    base = statistics.median(times[next(iter(times))])
+    base_ts = times[next(iter(times))]
     out = {}
     b = len(x)
     for n, ts in times.items():
         med = statistics.median(ts)
+        paired = [tb / t for tb, t in zip(base_ts, ts)]  # each repeat's ratio to the baseline timed beside it
+        lo, hi, cover = median_interval(paired)
         out[n] = {
-            "images_per_sec": b / med, "latency_ms": med * 1000.0, "ratio": base / med,
-            "spread": (max(ts) - min(ts)) / med,
+            "images_per_sec": b / med, "latency_ms": med * 1000.0, "ratio": statistics.median(paired),
+            "ratio_ci": [lo, hi], "ratio_ci_level": cover, "repeats": len(ts), "spread": (max(ts) - min(ts)) / med,
         }
     return out
 

@@ -145,19 +145,53 @@ def host_sizes(nq: list[int], nkv: list[int]) -> tuple[int, int, bool]:
     return max(nq), max(nkv), min(nq) != max(nq) or min(nkv) != max(nkv)
 
 
-def groups(nq: list[int], buckets: int) -> list[list[int]]:
-    """Image indices sorted by computed count, cut into `buckets` groups (one group below 2·buckets images)."""
-    if buckets <= 1 or len(nq) < 2 * buckets:
+# A group's fixed cost on a CPU in MACs of arithmetic, for the cost-based grouping (group_overhead_macs): one more
+# group runs a whole block's ~35 operators and a gather and scatter. Measured on a 2-core CPU, fp32: the trained
+# smoke ViT at batch 32 ran 0.98x of dense in one padded group and 0.68x in four (docs/measure.md).
+GROUP_OVERHEAD_MACS_CPU = 5e7
+
+
+def groups(nq: list[int], buckets: int, nkv: Optional[list[int]] = None, dims: Optional[tuple[int, int]] = None,
+           overhead: Optional[float] = None) -> list[list[int]]:
+    """Image indices sorted by computed count, cut into groups of equal size (one group below 2 images a group).
+
+    Without `overhead`: `buckets` groups. With it (a group's fixed cost in MACs) and dims = (width C, MLP
+    hidden width): the count among 1, 2, 4, … ≤ buckets whose estimated cost is least, each group padded to
+    its own largest counts: Σ_g |g|·(nq_g·((2 + 2·hidden/C)·C² + 2·C·nkv_g) + nkv_g·2·C²) + groups·overhead.
+    A narrow model (where the operators, not the arithmetic, cost) then runs one padded group.
+    """
+    if buckets <= 1 or len(nq) < 4:
         return [list(range(len(nq)))]
     order = sorted(range(len(nq)), key=nq.__getitem__)
-    size = -(-len(order) // buckets)
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    cut = lambda k: [order[i:i + -(-len(order) // k)] for i in range(0, len(order), -(-len(order) // k))]  # noqa: E731
+    if overhead is None or nkv is None or dims is None:
+        return cut(buckets) if len(nq) >= 2 * buckets else [order]
+    c, hidden = dims
+    per_q, per_kv = (2 + 2 * hidden / c) * c * c, 2 * c * c
+
+    def cost(parts: list[list[int]]) -> float:
+        total = 0.0
+        for part in parts:
+            q, kv = max(nq[j] for j in part), max(nkv[j] for j in part)
+            total += len(part) * (q * (per_q + 2 * c * kv) + kv * per_kv) + overhead
+        return total
+
+    best, k = [order], 2
+    while k <= buckets and len(nq) >= 2 * k:
+        parts = cut(k)
+        if cost(parts) < cost(best):
+            best = parts
+        k *= 2
+    return best
 
 
 def layer_grouped_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor, nq: list[int],
-                   nkv: list[int], buckets: int, kappa: Optional[int]) -> torch.Tensor:
-    """layer_sets_ on each group of images of similar count (host counts nq, nkv per image); x updated in place."""
-    parts = groups(nq, buckets)
+                   nkv: list[int], buckets: int, kappa: Optional[int], overhead: Optional[float] = None) -> torch.Tensor:
+    """layer_sets_ on each group of images of similar count (host counts nq, nkv per image); x updated in place.
+
+    How many groups: `groups` (overhead: a group's fixed cost in MACs for the cost rule; None: `buckets` groups)."""
+    dims = (x.shape[-1], blk.mlp.fc1.out_features) if overhead is not None and isinstance(blk.mlp, Mlp) else None
+    parts = groups(nq, buckets, nkv, dims, overhead)
     if len(parts) == 1:
         return layer_sets_(blk, x, computed, kv, host_sizes(nq, nkv), kappa)
     for part in parts:
@@ -179,6 +213,28 @@ def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch
     return layer_grouped_(blk, x.clone(), computed, kv, counts[0], counts[1], buckets, kappa)
 
 
+def removed_tail(R: torch.Tensor, halted: torch.Tensor, pause_left: torch.Tensor, x: torch.Tensor,
+                 computed: torch.Tensor, paused: torch.Tensor, n_computed: torch.Tensor, may_pause: torch.Tensor,
+                 first: torch.Tensor, acc: torch.Tensor, cfg: ctl.TPCCfg) -> tuple:
+    """The removed form between two blocks (not after the last): the controller's decision on the block output
+    x [B, N, C] (ctl.decide_removed), its halting-weighted outputs added to acc [B, k, C], then the next layer's
+    masks and the rows of its host read.
+
+    Returns (R, halted, pause_left, acc, computed, paused, kv, sums): the next layer's computed / paused / kv
+    masks [B, N] and sums [B, 6] (computed, kv, paused, restarted, halted at this layer, CLS halted).
+    """
+    state = ctl.TokenState(R, R, halted, pause_left)  # ρ is not read at inference
+    state, w, halt = ctl.decide_removed(state, x, computed, n_computed, False, may_pause, cfg)
+    k = acc.shape[1]
+    acc = acc.addcmul(w[:, :k, None], x[:, :k])
+    running = ~state.halted
+    nxt = running & (state.pause_left == 0)
+    now_paused = running ^ nxt
+    kv = running if cfg.paused_as_kv else nxt
+    sums = torch.stack((nxt, kv, now_paused, nxt & paused, halt, state.halted & first), 1).sum(-1)
+    return state.R, state.halted, state.pause_left, acc, nxt, now_paused, kv, sums
+
+
 class TPCVisionTransformer(VisionTransformer):
     """timm VisionTransformer whose blocks are driven by the token propagation controller.
 
@@ -193,13 +249,18 @@ class TPCVisionTransformer(VisionTransformer):
     all_token_outputs = False
 
     def __init__(self, tpc: Optional[ctl.TPCCfg] = None, kappa: Optional[int] = None,
-                 inference: str = "removed", buckets: int = 4, kappa_train_only: bool = False, **kwargs):
+                 inference: str = "removed", buckets: int = 4, kappa_train_only: bool = False,
+                 group_overhead_macs: Optional[float] = None, **kwargs):
         super().__init__(**kwargs)
         self.tpc = tpc or ctl.TPCCfg()
         self._kappa = kappa
         self.kappa_train_only = kappa_train_only  # the stabilizer in training only; dense attention at inference
         self.inference = inference
         self.buckets = buckets  # removed form: images grouped by token count, padded per group
+        # None: `buckets` groups; a group's fixed cost in MACs (GROUP_OVERHEAD_MACS_CPU on a CPU): as many groups
+        # (1, 2, 4, … ≤ buckets) as the estimated cost says. The padding changes the rounding, and a token whose
+        # halting sum lies within rounding of 1 − δ may then halt a layer apart: records keep the fixed split.
+        self.group_overhead_macs = group_overhead_macs
         if self.global_pool != "token":
             raise ValueError(f"TPC predicts from the CLS token: global_pool must be 'token', got {self.global_pool!r}")
 
@@ -318,7 +379,9 @@ class TPCVisionTransformer(VisionTransformer):
 
         Per layer one host read (each image's computed, kv, paused and restarted counts, the tokens it halted at the
         previous layer and whether its CLS has halted) drives the packing and the batch shrinking and gives the
-        stats rows, which are kept on the host and become one tensor at the end."""
+        stats rows, which are kept on the host and become one tensor at the end. Between two blocks the controller
+        (`removed_tail`: the decision, the output sum, the next layer's masks and counts) is a fixed set of tensor
+        ops on [B, N] with no host read."""
         x = self._embed(x, box).contiguous()
         bsz, n, c = x.shape
         state = ctl.TokenState.start(bsz, n, x.device)
@@ -332,17 +395,13 @@ class TPCVisionTransformer(VisionTransformer):
         acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         counts = [[[0] * 5 for _ in range(depth)] for _ in range(bsz)]  # (n_q, n_kv, paused, restarted, halted)
-        was_paused = torch.zeros_like(is_cls)
-        was_halted = torch.zeros_like(is_cls)  # halted at the previous layer (its row is read with this layer's)
+        computed, paused = ~state.halted, state.halted  # before the first block: every token computed, none paused
+        kv = computed
+        host = [[n, n, 0, 0, 0, 0]] * bsz  # the first layer's rows of the host read, known without one
+        sums = torch.tensor(host, dtype=torch.long, device=x.device)
         for i, blk in enumerate(self.blocks):
-            running, idle = ~state.halted, state.pause_left == 0
-            computed = running & idle
-            paused = running ^ computed
-            kv = computed | paused if self.tpc.paused_as_kv else computed
-            sums = torch.stack((computed, kv, paused, computed & was_paused, was_halted, state.halted & first),
-                               1).sum(-1)
-            host = sums.tolist()  # the one host read of this layer: [images][6]
             if i:
+                host = sums.tolist()  # the one host read of this layer: [images][6]
                 for j, h in zip(images, host):
                     counts[j][i - 1][4] = h[4]
             done = [h[5] > 0 for h in host]
@@ -350,8 +409,7 @@ class TPCVisionTransformer(VisionTransformer):
                 ended = torch.tensor(done, device=x.device)
                 acc, final = self._finish(acc, final, state, images, ended, x)
                 keep = ~ended
-                x, acc, is_cls, may_pause = x[keep], acc[keep], is_cls[keep], may_pause[keep]
-                was_paused, was_halted = was_paused[keep], was_halted[keep]
+                x, acc, may_pause = x[keep], acc[keep], may_pause[keep]
                 state, computed, paused, kv, sums = (state.index(keep), computed[keep], paused[keep], kv[keep],
                                                      sums[keep])
                 images = [j for j, d in zip(images, done) if not d]
@@ -361,12 +419,17 @@ class TPCVisionTransformer(VisionTransformer):
             for j, h in zip(images, host):
                 counts[j][i][:4] = h[:4]
             x = layer_grouped_(blk, x, computed, kv, [h[0] for h in host], [h[1] for h in host], self.buckets,
-                               self.kappa)
-            state, w, was_halted = ctl.decide_removed(state, x, computed, sums[:, :1], i == depth - 1, may_pause,
-                                                      self.tpc)
-            acc = acc.addcmul_(w[:, :k, None], x[:, :k])
-            was_paused = paused
-        else:  # after the last layer every token has halted (b̂ = 1): the images still running end here
+                               self.kappa, self.group_overhead_macs)
+            last = i == depth - 1
+            if last:  # b̂ = 1: every computed token halts with its remainder; the images still running end below
+                acc = acc.addcmul_(torch.where(computed, state.R, 0.0)[:, :k, None], x[:, :k])
+                state = ctl.TokenState(state.R, state.rho, state.halted | computed, state.pause_left)
+                break
+            R, halted, pause_left, acc, computed, paused, kv, sums = removed_tail(
+                state.R, state.halted, state.pause_left, x, computed, paused, sums[:, :1], may_pause, first, acc,
+                self.tpc)
+            state = ctl.TokenState(R, state.rho, halted, pause_left)
+        if images:  # after the last layer every token has halted (b̂ = 1): the images still running end here
             for j, h in zip(images, host):
                 counts[j][depth - 1][4] = h[0]  # every computed token halts at the last layer
             acc, final = self._finish(acc, final, state, images, torch.ones(len(images), dtype=torch.bool,
