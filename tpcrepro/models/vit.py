@@ -146,8 +146,9 @@ def host_sizes(nq: list[int], nkv: list[int]) -> tuple[int, int, bool]:
 
 
 # A group's fixed cost on a CPU in MACs of arithmetic, for the cost-based grouping (group_overhead_macs): one more
-# group runs a whole block's ~35 operators and a gather and scatter. Measured on a 2-core CPU, fp32: the trained
-# smoke ViT at batch 32 ran 0.98x of dense in one padded group and 0.68x in four (docs/measure.md).
+# group runs a whole block's ~35 operators and a gather and scatter. From a 2-core CPU, fp32 (docs/measure.md): the
+# trained smoke ViT at batch 32 ran 0.98x of dense in one padded group and 0.68x in four, ~1 ms a layer for each
+# extra group, which is ~5e7 MACs at the ~55 G MACs/s dense DeiT-S ran at there.
 GROUP_OVERHEAD_MACS_CPU = 5e7
 
 
@@ -163,7 +164,11 @@ def groups(nq: list[int], buckets: int, nkv: Optional[list[int]] = None, dims: O
     if buckets <= 1 or len(nq) < 4:
         return [list(range(len(nq)))]
     order = sorted(range(len(nq)), key=nq.__getitem__)
-    cut = lambda k: [order[i:i + -(-len(order) // k)] for i in range(0, len(order), -(-len(order) // k))]  # noqa: E731
+
+    def cut(k: int) -> list[list[int]]:
+        size = -(-len(order) // k)
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
     if overhead is None or nkv is None or dims is None:
         return cut(buckets) if len(nq) >= 2 * buckets else [order]
     c, hidden = dims
@@ -395,8 +400,8 @@ class TPCVisionTransformer(VisionTransformer):
         acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
         counts = [[[0] * 5 for _ in range(depth)] for _ in range(bsz)]  # (n_q, n_kv, paused, restarted, halted)
-        computed, paused = ~state.halted, state.halted  # before the first block: every token computed, none paused
-        kv = computed
+        computed = kv = ~state.halted  # before the first block every token is computed, none paused
+        paused = torch.zeros_like(computed)
         host = [[n, n, 0, 0, 0, 0]] * bsz  # the first layer's rows of the host read, known without one
         sums = torch.tensor(host, dtype=torch.long, device=x.device)
         for i, blk in enumerate(self.blocks):
