@@ -1,0 +1,59 @@
+"""Which patch tokens a trained smoke DynamicViT keeps: those the digit touches against the rest.
+
+    python scripts/kept_tokens.py RECIPE CHECKPOINT [CHECKPOINT ...] [--scenes 1000]
+
+RECIPE builds the model (e.g. smoke/dynamicvit_stab); each CHECKPOINT is a run's
+checkpoint.pt (runs/<recipe>/<hash>/s<seed>/). On the first --scenes validation
+scenes it runs the removed form (as evaluation does), with the recipe's κ and
+with dense attention, and prints the share of digit tokens (a pixel of the
+digit's alpha > 0.25, as scenes.token_coverage counts) and of the other tokens
+that survive the last pruning stage. A predictor that ignores content keeps the
+same share of both; one that finds the digit keeps more of its tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from tpcrepro import checkpoint, methods, weights
+from tpcrepro.recipe import load_recipe
+from tpcrepro.scenes import ScenesDataset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe")
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--scenes", type=int, default=1000)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    r = load_recipe(a.recipe)
+    if r.model.name.split("_")[0] != "dynamicvit":
+        raise SystemExit(f"error: {a.recipe} is not a DynamicViT recipe; pass one such as smoke/dynamicvit")
+    ds = ScenesDataset("val", r.data.scenes)
+    patch = r.model.kwargs.get("patch_size", 4)
+    grid = r.data.scenes.canvas // patch
+    xs, masks = zip(*[(ds[i][0], ds.scene(i)[2]) for i in range(a.scenes)])
+    x = torch.stack(xs)
+    peak = np.stack(masks).reshape(-1, grid, patch, grid, patch).max(axis=(2, 4))
+    digit = torch.from_numpy(peak > 0.25).reshape(len(x), -1)
+    for path in a.checkpoints:
+        model = weights.create(r.model, **methods.method_kwargs(r))
+        state = checkpoint.safe_load(path, fix="pass a run's checkpoint.pt")
+        model.load_state_dict(state.get("model", state))
+        model.eval()
+        for kappa in dict.fromkeys((model.kappa, None)):
+            model.kappa = kappa
+            with torch.no_grad():
+                last = model.forward_removed(x)["kept_index"][-1]
+            kept = torch.zeros_like(digit).scatter_(1, last, True)
+            share = lambda m: 100.0 * (kept & m).sum().item() / m.sum().item()  # noqa: E731
+            print(f"{path}  kappa {kappa}: digit tokens kept {share(digit):.1f} %, other tokens kept {share(~digit):.1f} %"
+                  f" ({last.shape[1]} of {digit.shape[1]} kept)")
+
+
+if __name__ == "__main__":
+    main()
