@@ -6,7 +6,7 @@ RECIPE builds the model (e.g. smoke/dynamicvit_stab); each CHECKPOINT is a run's
 checkpoint.pt (runs/<recipe>/<hash>/s<seed>/). On the first --scenes validation
 scenes it runs the removed form (as evaluation does), with the recipe's κ and
 with dense attention, and prints the share of digit tokens (a pixel of the
-digit's alpha > 0.25, as scenes.token_coverage counts) and of the other tokens
+digit's alpha > 0.25: scenes.digit_tokens, as the coverage counts) and of the other tokens
 that survive the last pruning stage. A predictor that ignores content keeps the
 same share of both; one that finds the digit keeps more of its tokens.
 """
@@ -20,7 +20,7 @@ import torch
 
 from tpcrepro import checkpoint, methods, weights
 from tpcrepro.recipe import load_recipe
-from tpcrepro.scenes import ScenesDataset
+from tpcrepro.scenes import ScenesDataset, digit_tokens
 
 
 def main() -> None:
@@ -34,12 +34,9 @@ def main() -> None:
     if r.model.name.split("_")[0] != "dynamicvit":
         raise SystemExit(f"error: {a.recipe} is not a DynamicViT recipe; pass one such as smoke/dynamicvit")
     ds = ScenesDataset("val", r.data.scenes)
-    patch = r.model.kwargs.get("patch_size", 4)
-    grid = r.data.scenes.canvas // patch
     xs, masks = zip(*[(ds[i][0], ds.scene(i)[2]) for i in range(a.scenes)])
     x = torch.stack(xs)
-    peak = np.stack(masks).reshape(-1, grid, patch, grid, patch).max(axis=(2, 4))
-    digit = torch.from_numpy(peak > 0.25).reshape(len(x), -1)
+    digit = torch.from_numpy(digit_tokens(np.stack(masks), r.model.kwargs.get("patch_size", 4))).reshape(len(x), -1)
     for path in a.checkpoints:
         model = weights.create(r.model, **methods.method_kwargs(r))
         state = checkpoint.safe_load(path, fix="pass a run's checkpoint.pt")

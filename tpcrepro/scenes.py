@@ -210,12 +210,16 @@ def draw(cfg: ScenesCfg, a: Assets, rng: np.random.Generator, digit: int | None 
     return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32), int(a.labels[main]), mask
 
 
-def token_coverage(masks: np.ndarray, patch: int, threshold: float = 0.25) -> np.ndarray:
-    """Fraction of patch tokens the digit touches (a pixel of alpha > threshold), per scene. masks [B, C, C] -> [B]."""
+def digit_tokens(masks: np.ndarray, patch: int, threshold: float = 0.25) -> np.ndarray:
+    """Which patch tokens the digit touches (a pixel of alpha > threshold). masks [B, C, C] -> bool [B, g, g]."""
     b, c, _ = masks.shape
     g = c // patch
-    peak = masks[:, : g * patch, : g * patch].reshape(b, g, patch, g, patch).max(axis=(2, 4))
-    return (peak > threshold).mean(axis=(1, 2))
+    return masks[:, : g * patch, : g * patch].reshape(b, g, patch, g, patch).max(axis=(2, 4)) > threshold
+
+
+def token_coverage(masks: np.ndarray, patch: int, threshold: float = 0.25) -> np.ndarray:
+    """Fraction of patch tokens the digit touches, per scene. masks [B, C, C] -> [B]."""
+    return digit_tokens(masks, patch, threshold).mean(axis=(1, 2))
 
 
 # ---------------------------------------------------------------- dataset
