@@ -14,11 +14,13 @@ same share of both; one that finds the digit keeps more of its tokens.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from tpcrepro import checkpoint, methods, weights
+from tpcrepro import methods, weights
+from tpcrepro.errors import UserError
 from tpcrepro.recipe import load_recipe
 from tpcrepro.scenes import ScenesDataset, digit_tokens
 
@@ -38,9 +40,13 @@ def main() -> None:
     x = torch.stack(xs)
     digit = torch.from_numpy(digit_tokens(np.stack(masks), r.model.kwargs.get("patch_size", 4))).reshape(len(x), -1)
     for path in a.checkpoints:
+        if not Path(path).is_file():
+            raise SystemExit(f"error: no checkpoint at {path}; pass a run's checkpoint.pt (runs/<recipe>/<hash>/s<seed>/)")
         model = weights.create(r.model, **methods.method_kwargs(r))
-        state = checkpoint.safe_load(path, fix="pass a run's checkpoint.pt")
-        model.load_state_dict(state.get("model", state))
+        try:
+            model.load_state_dict(weights.read_state_dict(path))  # a run's checkpoint: its "model" entry
+        except UserError as e:
+            raise SystemExit(f"error: {e}") from None
         model.eval()
         for kappa in dict.fromkeys((model.kappa, None)):
             model.kappa = kappa
