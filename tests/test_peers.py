@@ -67,6 +67,40 @@ def test_dynamicvit_training_and_inference_paths_keep_the_same_tokens():
             assert set(dec[b].nonzero().flatten().tolist()) == set(idx[b].tolist())
 
 
+@pytest.mark.parametrize("kappa", [None, 9])
+def test_dynamicvit_policy_attention_is_the_published_softmax_with_policy(kappa):
+    """p·a / Σ p·a (p the plain softmax) equals DynamicViT's exp(l − max)·a / Σ exp(l − max)·a, value and gradient
+    (the policy's straight-through gradient included); an all-ones policy is the plain block."""
+    from tpcrepro.models.blocks import block_forward
+    from tpcrepro.models.dynamicvit import policy_block
+    from tpcrepro.models.stabilizer import nearest_keys
+
+    torch.manual_seed(0)
+    blk = timm.create_model("dynamicvit_vit_smoke", **SMOKE).blocks[1].double()
+    x = torch.randn(3, 17, blk.attn.qkv.in_features, dtype=torch.float64)
+    policy = (torch.rand(3, 17, dtype=torch.float64) < 0.6).double()
+    policy[:, 0] = 1.0
+
+    def published(x, policy):
+        q, k, v = blk.heads(blk.norm1(x))
+        logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
+        eye = torch.eye(x.shape[1], dtype=x.dtype)
+        allow = policy[:, None, None, :] + (1.0 - policy[:, None, None, :]) * eye
+        if kappa is not None:
+            allow = allow * nearest_keys(q, k, kappa, allow > 0).to(x.dtype)
+        w = torch.exp(logits - logits.amax(-1, keepdim=True)) * allow
+        return blk.residual_mlp(blk.residual_attn(x, (w / w.sum(-1, keepdim=True)) @ v))
+
+    ours_in, ref_in = (policy.clone().requires_grad_(), policy.clone().requires_grad_())
+    ours, ref = policy_block(blk, x, ours_in, kappa), published(x, ref_in)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    g = torch.randn_like(ours)
+    (ours * g).sum().backward(), (ref * g).sum().backward()
+    assert torch.allclose(ours_in.grad, ref_in.grad, atol=1e-12) and ours_in.grad.abs().sum() > 0
+    ones = torch.ones(3, 17, dtype=torch.float64)
+    assert torch.allclose(policy_block(blk, x, ones, kappa), block_forward(blk, x, None, kappa), atol=1e-12)
+
+
 def test_dynamicvit_training_losses_and_frozen_backbone_schedule():
     torch.manual_seed(0)
     m = timm.create_model("dynamicvit_vit_smoke", **SMOKE)

@@ -47,11 +47,14 @@ def test_same_parameter_count_as_the_backbone():
         assert flops.count_params(timm.create_model(t)) == flops.count_params(timm.create_model(s))
 
 
+@pytest.mark.parametrize("layout", [{}, {"buckets": 1}])
 @pytest.mark.parametrize("kappa", [None, 20])
 @pytest.mark.parametrize("cfg", [ACTIVE, TPCCfg(beta=-0.5, gamma=1.0, paused_as_kv=False, pause_span=2),
                                  TPCCfg(beta=-0.5, gamma=1.0, reuse="none")])
-def test_masked_and_removed_forms_agree(cfg, kappa):
+def test_masked_and_removed_forms_agree(cfg, kappa, layout):
     _, tpc = smoke_pair(cfg, kappa)
+    for k, v in layout.items():
+        setattr(tpc, k, v)
     x = images(8)
     with torch.no_grad():
         removed = tpc.forward_with_stats(x)
@@ -61,6 +64,30 @@ def test_masked_and_removed_forms_agree(cfg, kappa):
     for key in ("n_q", "n_kv", "paused", "halted", "restarted", "macs"):
         assert torch.equal(removed["stats"][key], masked["stats"][key]), key
     assert (removed["stats"]["halted"][:, :-1].sum() > 0)  # the test exercises halting
+
+
+@pytest.mark.parametrize("kappa", [None, 7])
+def test_padded_layer_with_one_image_computing_every_token(kappa):
+    """A group in which one image computes all its tokens and the others do not is not the plain block: each
+    image keeps its own queries and keys (the padded path), as in the masked layer and one image at a time."""
+    from tpcrepro.models.vit import host_sizes, layer_masked, layer_sets_
+
+    torch.manual_seed(0)
+    blk = timm.create_model("tpc_vit_smoke", **SMOKE).eval().blocks[2]
+    b, n = 5, 65
+    x = torch.randn(b, n, blk.attn.qkv.in_features)
+    kv = torch.rand(b, n) < 0.8
+    computed = kv & (torch.rand(b, n) < 0.6)
+    computed[:, 0] = kv[:, 0] = True
+    kv[3] = computed[3] = True  # this image computes every token: the group's largest count is n
+    nq, nkv = computed.sum(1).tolist(), kv.sum(1).tolist()
+    with torch.inference_mode():
+        padded = layer_sets_(blk, x.clone(), computed, kv, host_sizes(nq, nkv), kappa)
+        masked = layer_masked(blk, x.clone(), computed, kv, kappa)
+        alone = torch.cat([layer_sets_(blk, x[i:i + 1].clone(), computed[i:i + 1], kv[i:i + 1],
+                                       host_sizes(nq[i:i + 1], nkv[i:i + 1]), kappa) for i in range(b)])
+    assert torch.allclose(padded, masked, atol=1e-5) and torch.allclose(padded, alone, atol=1e-5)
+    assert torch.equal(padded[~computed], x[~computed])
 
 
 def test_removed_form_follows_new_weights_and_dtypes():

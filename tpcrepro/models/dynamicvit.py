@@ -47,7 +47,12 @@ class Predictor(nn.Module):
 
 
 def policy_block(blk: TokenBlock, x: torch.Tensor, policy: torch.Tensor, kappa: Optional[int]) -> torch.Tensor:
-    """A block whose attention softmax is masked by a differentiable keep policy [B, N] (1 = keep)."""
+    """A block whose attention softmax is masked by a differentiable keep policy [B, N] (1 = keep).
+
+    softmax_with_policy as published, exp(l − max)·a / Σ exp(l − max)·a, computed as p·a / Σ p·a with p the
+    plain softmax of l (the same value: the softmax's denominator cancels), which is one fused operator
+    forward and backward instead of the max, shift, exp and their gradients on [B, H, N, N].
+    """
     q, k, v = blk.heads(blk.norm1(x))
     n = x.shape[1]
     logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
@@ -55,7 +60,7 @@ def policy_block(blk: TokenBlock, x: torch.Tensor, policy: torch.Tensor, kappa: 
     allow = policy[:, None, None, :] + (1.0 - policy[:, None, None, :]) * eye  # dropped keys out, self kept
     if kappa is not None and kappa < n:
         allow = allow * nearest_keys(q, k, kappa, (allow > 0)).to(x.dtype)
-    weights = torch.exp(logits - logits.amax(-1, keepdim=True)) * allow
+    weights = logits.softmax(-1) * allow
     attn = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
     return blk.residual_mlp(blk.residual_attn(x, attn @ v))
 
@@ -130,6 +135,9 @@ class DynamicViT(VisionTransformer):
                 decisions.append(hard.flatten(1))
                 targets.append(self.dvit.keep_rate ** (s + 1))
                 policy = hard
+            if not decisions:  # before the first predictor every token is kept: the plain block (fused attention)
+                x = block_forward(blk, x, None, self.kappa)
+                continue
             full = torch.cat([x.new_ones(b, 1), policy[..., 0]], dim=1)
             x = policy_block(blk, x, full, self.kappa)
         x = self.norm(x)

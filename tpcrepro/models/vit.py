@@ -124,7 +124,7 @@ def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.T
     """
     nq, nkv, ragged = sizes
     b, n, c = x.shape
-    if nq == n:  # every token computed in every image: the plain block
+    if nq == n and not ragged:  # every token computed in every image: the plain block
         return block_forward(blk, x, None, None, kappa)
     key = kv.to(torch.int8) + computed  # 2: query and key, 1: key only, 0: neither
     idx = torch.argsort(key, dim=1, descending=True, stable=True)[:, :nkv]
