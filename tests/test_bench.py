@@ -60,18 +60,18 @@ def test_replayed_counts_reproduce_the_real_forward_cost():
     stats = bench.run_form(model, x, "removed")["stats"]
     seen = []
     runner = bench._replay(model, stats)
-    orig = bench.layer_grouped_
+    orig = bench.layer_packed_
 
-    def spy(blk, x, computed, kv, nq, nkv, buckets, kappa, overhead=None):
-        seen.append((sorted(nq), sorted(nkv)))
-        return orig(blk, x, computed, kv, nq, nkv, buckets, kappa, overhead)
+    def spy(blk, x, computed, kv, buckets, kappa, overhead=None):
+        seen.append((sorted(computed.sum(1).tolist()), sorted(kv.sum(1).tolist())))
+        return orig(blk, x, computed, kv, buckets, kappa, overhead)
 
-    bench.layer_grouped_ = spy
+    bench.layer_packed_ = spy
     try:
         with torch.inference_mode():
             runner(x)
     finally:
-        bench.layer_grouped_ = orig
+        bench.layer_packed_ = orig
     for i, (nq, nkv) in enumerate(seen):
         alive = stats["n_q"][:, i] > 0
         assert nq == sorted(stats["n_q"][alive, i].tolist()) and nkv == sorted(stats["n_kv"][alive, i].tolist())
@@ -148,16 +148,14 @@ def test_cost_grouping_runs_narrow_models_unsplit_and_wide_ones_split():
 
 
 def test_cost_grouping_gives_the_same_counts_and_nearly_the_same_logits():
-    """The grouping only changes how the images are padded: counts and MACs as the fixed split (random weights,
+    """The grouping only changes how the images are padded: counts and MACs as the finest split (random weights,
     no halting sum near its threshold), logits within rounding."""
-    from tpcrepro.models.vit import GROUP_OVERHEAD_MACS_CPU
-
     model, _, _, _ = benchreal.build("tpc_vit_smoke", None, None, None)
     x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         bench.calibrate_beta(model, x, 15e6)
-        fixed = bench.run_form(model, x, "removed")
-        grouped = bench.Form(model, "removed", group_overhead_macs=GROUP_OVERHEAD_MACS_CPU).run(x)
+        cost = bench.run_form(model, x, "removed")  # on the CPU: the cost rule (one group at width 64)
+        finest = bench.Form(model, "removed", group_overhead_macs=0.0).run(x)  # no fixed cost: `buckets` groups
     assert model.group_overhead_macs is None  # set for the call only
-    assert torch.equal(fixed["stats"]["n_q"], grouped["stats"]["n_q"])
-    torch.testing.assert_close(fixed["logits"], grouped["logits"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(cost["stats"]["n_q"], finest["stats"]["n_q"])
+    torch.testing.assert_close(cost["logits"], finest["logits"], atol=1e-4, rtol=1e-4)

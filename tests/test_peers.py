@@ -130,7 +130,7 @@ def test_avit_halting_rule_on_a_hand_made_example():
         b_hat = ctl.regularize(p * rt, state.computed(), AVIT_S)  # no TDR: unchanged
         state, w, halt = ctl.step(state, b_hat, p, rt, state.computed(), False, is_cls, AVIT_S)
         weights.append(w[0, 1].item())
-    assert weights == pytest.approx([0.3, 0.5, 0.2])
+    assert weights == pytest.approx([0.3, 0.5, 0.2], abs=1e-6)  # t holds h's logit to float32's precision
     assert bool(state.halted[0, 1]) and state.rho[0, 1].item() == pytest.approx(3.2)
     assert int(state.pause_left.sum()) == 0  # A-ViT never pauses
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +52,28 @@ def test_gradients_flow_through_selected_keys():
     q, k, v = (t.requires_grad_() for t in qkv())
     attention(q, k, v, kappa=3).sum().backward()
     assert torch.isfinite(q.grad).all() and (k.grad != 0).any()
+
+
+def test_cpu_selection_breaks_ties_at_the_kth_rank_without_admitting_more_than_kappa():
+    from tpcrepro.models.stabilizer import _nearest_cpu
+
+    rank = np.array([[[5.0, 3.0, 3.0, 3.0, 1.0],  # the 2nd largest rank is tied three times: the first two tied
+                      [2.0, 2.0, 2.0, 2.0, 2.0],  # all tied: the first three
+                      [9.0, 8.0, 7.0, 6.0, 5.0]]], dtype=np.float32)  # no tie
+    chosen = _nearest_cpu(rank, 3, None)
+    assert chosen.tolist() == [[[True, True, True, False, False], [True, True, True, False, False],
+                                [True, True, True, False, False]]]
+    valid = np.array([True, True, False, False, False])  # fewer valid keys than κ: the valid ones only
+    assert _nearest_cpu(rank, 3, valid).tolist() == [[[True, True, False, False, False]] * 3]
+
+
+def test_cpu_selection_is_topks_set():
+    """numpy's selection (the CPU path) and torch.topk (elsewhere) choose the same keys where no rank is tied."""
+    from tpcrepro.models.stabilizer import _nearest_cpu, _ranks
+
+    q, k, _ = qkv(b=4, h=4, n=65, d=16, seed=3)
+    valid = torch.rand(4, 1, 65, 65, generator=torch.Generator().manual_seed(1)) < 0.7
+    rank = _ranks(q, k).masked_fill(~valid, float("-inf"))
+    idx = rank.topk(33, dim=-1).indices
+    ref = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, idx, True) & valid
+    assert torch.equal(torch.from_numpy(_nearest_cpu(_ranks(q, k).numpy(), 33, valid.numpy())), ref)

@@ -70,7 +70,7 @@ def test_masked_and_removed_forms_agree(cfg, kappa, layout):
 def test_padded_layer_with_one_image_computing_every_token(kappa):
     """A group in which one image computes all its tokens and the others do not is not the plain block: each
     image keeps its own queries and keys (the padded path), as in the masked layer and one image at a time."""
-    from tpcrepro.models.vit import host_sizes, layer_masked, layer_sets_
+    from tpcrepro.models.vit import layer_masked, layer_packed_
 
     torch.manual_seed(0)
     blk = timm.create_model("tpc_vit_smoke", **SMOKE).eval().blocks[2]
@@ -80,13 +80,14 @@ def test_padded_layer_with_one_image_computing_every_token(kappa):
     computed = kv & (torch.rand(b, n) < 0.6)
     computed[:, 0] = kv[:, 0] = True
     kv[3] = computed[3] = True  # this image computes every token: the group's largest count is n
-    nq, nkv = computed.sum(1).tolist(), kv.sum(1).tolist()
+    c, k = computed.numpy(), kv.numpy()
     with torch.inference_mode():
-        padded = layer_sets_(blk, x.clone(), computed, kv, host_sizes(nq, nkv), kappa)
+        padded = layer_packed_(blk, x.clone(), c, k, 1, kappa)
         masked = layer_masked(blk, x.clone(), computed, kv, kappa)
-        alone = torch.cat([layer_sets_(blk, x[i:i + 1].clone(), computed[i:i + 1], kv[i:i + 1],
-                                       host_sizes(nq[i:i + 1], nkv[i:i + 1]), kappa) for i in range(b)])
-    assert torch.allclose(padded, masked, atol=1e-5) and torch.allclose(padded, alone, atol=1e-5)
+        alone = torch.cat([layer_packed_(blk, x[i:i + 1].clone(), c[i:i + 1], k[i:i + 1], 1, kappa) for i in range(b)])
+        split = layer_packed_(blk, x.clone(), c, k, 4, kappa, overhead=0.0)  # groups of similar counts
+    for out in (padded, alone, split):
+        assert torch.allclose(out, masked, atol=1e-5)
     assert torch.equal(padded[~computed], x[~computed])
 
 

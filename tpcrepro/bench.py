@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
+import numpy as np
 import torch
 
 from tpcrepro import flops, speed
 from tpcrepro.errors import UserError
 from tpcrepro.models import api
-from tpcrepro.models.vit import GROUP_OVERHEAD_MACS_CPU, TPCVisionTransformer, layer_grouped_, layer_masked
+from tpcrepro.models.vit import TPCVisionTransformer, group_overhead, layer_masked, layer_packed_
 
 
 def uniform_count(dims: flops.ViTDims, n_tokens: int, target_macs: float, kappa: Optional[int] = None) -> int:
@@ -58,8 +59,9 @@ class ScheduleRunner(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         x = m._embed(x).contiguous()
-        pos = torch.arange(x.shape[1], device=x.device)
+        pos = np.arange(x.shape[1])[None, :]
         k = m._n_out(x.shape[1])
+        overhead = group_overhead(getattr(m, "group_overhead_macs", None), x.device)
         ended, alive = [], list(range(len(x)))
         for i, blk in enumerate(m.blocks):
             nq, nkv = self.host[i]
@@ -69,13 +71,13 @@ class ScheduleRunner(torch.nn.Module):
                 x, alive = x[keep], [alive[r] for r in keep]
                 if not alive:
                     break
-            computed = pos[None, :] < self.counts[alive, i : i + 1]
-            kv = pos[None, :] < self.kv_counts[alive, i : i + 1]
+            computed = pos < np.asarray([nq[j] for j in alive])[:, None]
+            kv = pos < np.asarray([nkv[j] for j in alive])[:, None]
             if self.removed:
-                x = layer_grouped_(blk, x, computed, kv, [nq[j] for j in alive], [nkv[j] for j in alive],
-                                   self.buckets, m.kappa, getattr(m, "group_overhead_macs", None))
+                x = layer_packed_(blk, x, computed, kv, self.buckets, m.kappa, overhead)
             else:
-                x = layer_masked(blk, x, computed, kv, m.kappa)
+                x = layer_masked(blk, x, torch.from_numpy(computed).to(x.device), torch.from_numpy(kv).to(x.device),
+                                 m.kappa)
         return m._logits(torch.cat([*ended, x[:, :k]]))
 
 
@@ -258,7 +260,15 @@ class Form(torch.nn.Module):
         self.model, self.form, self.overrides = model, form, overrides
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)["logits"]
+        """The logits as a user's forward gives them (no MACs computed beside them: that is not inference)."""
+        was = {k: getattr(self.model, k) for k in (*self.overrides, "inference")}
+        try:
+            for k, v in {**self.overrides, "inference": self.form}.items():
+                setattr(self.model, k, v)
+            return self.model(x)
+        finally:
+            for k, v in was.items():
+                setattr(self.model, k, v)
 
     def run(self, x: torch.Tensor) -> dict:
         was = {k: getattr(self.model, k) for k in self.overrides}
@@ -284,38 +294,47 @@ def _replay(model: torch.nn.Module, stats: dict) -> torch.nn.Module:
     return ScheduleRunner(model, stats["n_q"], True, model.buckets, kv_counts=stats["n_kv"])
 
 
-def compare_real(model: torch.nn.Module, backbone: torch.nn.Module, x: torch.Tensor, p: speed.Protocol,
-                 peers: Optional[dict] = None) -> dict:
-    """Time, interleaved in one run on the images x: the dense backbone, the TPC model's removed form (the real
-    controller at its current gates), the same per-image counts replayed, the masked form, and the peers.
+class Replays(torch.nn.Module):
+    """One replay per timed batch, picked by the batch given (the batches are fixed beforehand)."""
+
+    def __init__(self, model: torch.nn.Module, batches: list[torch.Tensor], stats: list[dict]):
+        super().__init__()
+        self.runners = torch.nn.ModuleList(_replay(model, st) for st in stats)
+        self.which = {x.data_ptr(): i for i, x in enumerate(batches)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runners[self.which[x.data_ptr()]](x)
+
+
+def compare_real(model: torch.nn.Module, backbone: torch.nn.Module, x: torch.Tensor | list[torch.Tensor],
+                 p: speed.Protocol, peers: Optional[dict] = None) -> dict:
+    """Time, interleaved in one run on the images x (a batch, or a list of batches timed in turn): the dense
+    backbone, the TPC model's removed form (the real controller at its current gates), the same per-image counts
+    replayed, the masked form, and the peers.
 
     Returns every form's images/s and ratio to dense, each one's MACs and MACs ratio, and which form is which.
     """
+    batches = [t.to(p.device) for t in (x if isinstance(x, (list, tuple)) else [x])]
     with torch.inference_mode():
-        removed = run_form(model, x, "removed")
-        masked = run_form(model, x, "masked")
-    stats = removed["stats"]
+        removed = [run_form(model, t, "removed") for t in batches]
+        masked = [run_form(model, t, "masked") for t in batches]
+    stats = {k: torch.cat([r["stats"][k] for r in removed]) for k in ("macs", "n_q")}
     macs = float(stats["macs"].double().mean())
     dense_macs = float(model.macs_all_tokens())
-    runners = {"dense": backbone, "removed": Form(model, "removed"), "replayed": _replay(model, stats),
-               "masked": Form(model, "masked")}
+    runners = {"dense": backbone, "removed": Form(model, "removed"),
+               "replayed": Replays(model, batches, [r["stats"] for r in removed]), "masked": Form(model, "masked")}
     forms = {"dense": "the backbone, every token", "removed": "real controller, tokens removed",
              "replayed": "the real forward's per-image counts, fixed beforehand (ideal removal)",
              "masked": "real controller, every token kept in the tensor"}
-    extra = {}
-    if x.device.type == "cpu" and getattr(model, "group_overhead_macs", False) is None:  # the opt-in grouping beside
-        grouped = Form(model, "removed", group_overhead_macs=GROUP_OVERHEAD_MACS_CPU)
-        with torch.inference_mode():
-            extra["grouped_macs"] = float(grouped.run(x)["stats"]["macs"].double().mean())
-        runners["grouped"] = grouped
-        forms["grouped"] = (f"real controller, tokens removed, groups by their estimated cost "
-                            f"(group_overhead_macs={GROUP_OVERHEAD_MACS_CPU:g}; opt-in)")
+    extra = {"group_overhead_macs": group_overhead(getattr(model, "group_overhead_macs", None), batches[0].device),
+             "timed_images": sum(len(t) for t in batches), "timed_batches": len(batches)}
     runners |= peers or {}
-    res = speed.compare(runners, tuple(x.shape[1:]), p, inputs=x)
+    res = speed.compare(runners, tuple(batches[0].shape[1:]), p, inputs=batches)
     out = {"forms": {**forms, **{k: "published setting, random weights" for k in peers or {}}}, **extra,
            "macs": macs, "dense_macs": dense_macs, "macs_ratio": dense_macs / macs,
-           "masked_macs": float(masked["stats"]["macs"].double().mean()),
-           "forms_agree": bool(torch.allclose(removed["logits"], masked["logits"], atol=1e-3, rtol=1e-3)),
+           "masked_macs": float(torch.cat([m["stats"]["macs"] for m in masked]).double().mean()),
+           "forms_agree": all(bool(torch.allclose(r["logits"], m["logits"], atol=1e-3, rtol=1e-3))
+                              for r, m in zip(removed, masked)),
            "tokens_n_q": stats["n_q"].double().mean(0).tolist(), "kappa": getattr(model, "kappa", None),
            "buckets": getattr(model, "buckets", 0)}
     for name, m in (peers or {}).items():

@@ -82,6 +82,29 @@ def images(n: int, shape: tuple, seed: int) -> torch.Tensor:
     return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
 
 
+def val_images(recipe_id: str, n: int, data_root: Optional[str] = None) -> torch.Tensor:
+    """The first n validation images of a recipe's data set, as the model sees them [n, C, H, W].
+
+    A trained controller decides on what it sees: timed on noise it halts and pauses as it never does on its
+    data, so a trained run is timed on its own validation images (prepared beforehand: no data pipeline)."""
+    from tpcrepro import data
+    from tpcrepro.recipe import load_recipe
+
+    recipe = load_recipe(recipe_id)
+    val = data.build_datasets(recipe.data, recipe.model, data_root, seed=0).val
+    n = min(n, len(val))
+    return torch.stack([val[i][0] for i in range(n)])
+
+
+def timed_batches(b: int, run_id: Optional[str], shape: tuple) -> list[torch.Tensor]:
+    """What a batch size is timed on: a trained run's first max(64, 4·b) validation images in batches of b,
+    walked through in turn by every repeat; otherwise one batch of random images (seed 0)."""
+    if not run_id:
+        return [images(b, shape, 0)]
+    x = val_images(run_id, max(64, 4 * b))
+    return list(x[: len(x) // b * b].split(b)) or [x]
+
+
 def run(name: str, target_macs: Optional[float], batch_sizes: list[int], p: speed.Protocol, kappa: Optional[int] = None,
         checkpoint: Optional[str] = None, run_id: Optional[str] = None, calib: Optional[int] = None,
         peers: bool = True) -> dict:
@@ -98,15 +121,18 @@ def run(name: str, target_macs: Optional[float], batch_sizes: list[int], p: spee
             fixed = bench.calibrate_beta(model, images(calib, shape, 1).to(p.device), target_macs)
         out["calibration"] = {"images": calib, "seed": 1, **fixed}
     for b in batch_sizes:
-        x = images(b, shape, 0).to(p.device)
+        xs = [t.to(p.device) for t in timed_batches(b, run_id, shape)]
         cal = None
         if target_macs is not None and not calib:  # the timed batch is the calibration batch
             with torch.inference_mode(), speed._autocast(p):
-                cal = {"images": b, "seed": 0, **bench.calibrate_beta(model, x, target_macs)}
-        pb = speed.Protocol(**{**p.__dict__, "batch_size": b, "steps": steps_for(backbone, x, p)})
+                cal = {"images": b, "seed": 0, **bench.calibrate_beta(model, torch.cat(xs), target_macs)}
+        steps = steps_for(backbone, xs[0], p)
+        steps = -(-steps // len(xs)) * len(xs) if p.device == "cpu" else steps  # every batch equally often
+        pb = speed.Protocol(**{**p.__dict__, "batch_size": b, "steps": steps})
         with speed._autocast(pb):
-            res = bench.compare_real(model, backbone, x, pb, peer_models if peers else None)
+            res = bench.compare_real(model, backbone, xs, pb, peer_models if peers else None)
         out["runs"].append({"batch_size": b, "beta": model.tpc.beta, "calibration": cal or out.get("calibration"),
+                            "images": "validation images of the run" if run_id else "random (seed 0)",
                             **res, "settings": speed.settings(pb)})
     return out
 
@@ -136,7 +162,6 @@ def describe(out: dict) -> str:
             f"  batch {r['batch_size']} {s['precision']} on {s['device_name']}, β {r['beta']:.4g}: "
             f"MACs {r['macs'] / 1e9:.3f} G ({r['macs_ratio']:.2f}x fewer) | removed {r['removed_ratio']:.2f}x"
             f"{interval(r, 'removed')} | replayed {r['replayed_ratio']:.2f}x{interval(r, 'replayed')} | "
-            + (f"cost-grouped {r['grouped_ratio']:.2f}x{interval(r, 'grouped')} | " if "grouped_ratio" in r else "")
             + f"masked {r['masked_ratio']:.2f}x" + (f" | {cells}" if cells else "")
             + f" | dense {r['dense_images_per_sec']:.1f} img/s ({s['repeats']} repeats of {s['steps']} forward{'s' * (s['steps'] != 1)})")
     return "\n".join(lines)
@@ -216,8 +241,8 @@ def markdown(recs: list) -> str:
         return "(no real-controller bench records: `tpcrepro bench --model tpc_deit_s --macs 2.8e9`)"
     x = lambda r, k: f"{r[k]:.2f}×" if isinstance(r.get(k), (int, float)) else "–"  # noqa: E731
     lines = ["| model | gates | batch | device, threads | MACs (G) | MACs ÷ | TPC removed, real controller | "
-             "the same counts replayed | TPC removed, cost-grouped (opt-in) | TPC masked | EViT 0.7 | ToMe r 13 |",
-             "|" + "---|" * 12]
+             "the same counts replayed | TPC masked | EViT 0.7 | ToMe r 13 |",
+             "|" + "---|" * 11]
     for r in rows:
         s = r["settings"]
         gates = f"set for {r['target_macs'] / 1e9:.3g} G" if r.get("target_macs") else f"trained ({r.get('run')})"
@@ -228,7 +253,7 @@ def markdown(recs: list) -> str:
         lines.append(f"| {r['model']} | {gates} | {r['batch_size']} | {s['device_name']}, {s['precision']}, "
                      f"{s['threads']} | {r['macs'] / 1e9:.3f} | {r['macs_ratio']:.2f}× | {x(r, 'removed_ratio')}"
                      f"{interval(r, 'removed')} | {x(r, 'replayed_ratio')}{interval(r, 'replayed')} | "
-                     f"{x(r, 'grouped_ratio')}{interval(r, 'grouped')} | {x(r, 'masked_ratio')} | {peer('evit')} | "
+                     f"{x(r, 'masked_ratio')} | {peer('evit')} | "
                      f"{peer('tome')} |")
     lines += ["", "Every ratio is the median over repeats of the ratio to the dense backbone timed beside it "
               "(interleaved, one process); [lo, hi] is a distribution-free interval for that median (its coverage in "

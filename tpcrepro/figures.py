@@ -46,7 +46,7 @@ def table_groups(table_id: str = "tradeoff", profile: str = "smoke") -> dict[str
 
 BASELINE = {"smoke": "smoke/vit", "paper": "deit/deit_s"}
 AXIS_SPAN = 12.0  # top-1 points shown below the best point of a trade-off figure
-DATA_NAME = {"smoke": "digits 16×16, smoke ViT; not ImageNet", "paper": "ImageNet-1K"}
+DATA_NAME = {"smoke": "digits in 32×32 scenes, smoke ViT; not ImageNet", "paper": "ImageNet-1K"}
 
 Curve = dict[int, float]  # epoch (0-based) -> top-1
 
@@ -87,8 +87,9 @@ def read_curve(path: Path) -> Curve:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            if "top1" in row:
-                curve[int(row["epoch"])] = float(row["top1"])
+            value = row.get("curve_top1", row.get("top1"))  # the curve's images (eval.curve_size), else all
+            if value is not None:
+                curve[int(row["epoch"])] = float(value)
     return curve
 
 
@@ -127,10 +128,12 @@ def fig4(pairs: Sequence[tuple[str, str | Sequence[Path]]] | None = None, profil
     latest = records.newest()
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
-    drawn, missing = 0, []
+    drawn, missing, sizes = 0, [], set()
     for label, source in pairs:
         curves = (recipe_curves(source, profile, latest) if isinstance(source, str)
                   else [c for c in map(read_curve, source) if c])
+        if isinstance(source, str):  # how many validation images the curve's points are on (eval.curve_size)
+            sizes |= {r.metrics.get("history_n_val") for r in _train_records(source, profile, latest)}
         if not curves:
             missing.append(str(source))
             continue
@@ -146,7 +149,8 @@ def fig4(pairs: Sequence[tuple[str, str | Sequence[Path]]] | None = None, profil
     if not drawn:
         raise UserError(f"fig4: no training curves found for {', '.join(missing)}; run the recipes first "
                         "(metrics.jsonl is read from each train record's run directory)")
-    ax.set(xlabel="epoch", ylabel="val top-1 (%)",
+    n = next(iter(sizes)) if len(sizes) == 1 and None not in sizes else None
+    ax.set(xlabel="epoch", ylabel="val top-1 (%)" + (f", the first {n} validation images" if n else ""),
            title=f"Top-1 during training ({profile}: {DATA_NAME.get(profile, profile)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="mean over seeds, band min–max", title_fontsize=8)

@@ -49,8 +49,8 @@ class TPCCfg:
                 raise ValueError(f"tpc.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if len(self.gate_dims) != 2:
             raise ValueError(f"tpc.gate_dims must name two channels, got {self.gate_dims}")
-        if self.pause_span < 1 or not 0.0 <= self.xi <= 1.0 or not 0.0 < self.delta < 1.0:
-            raise ValueError(f"tpc needs pause_span ≥ 1, 0 ≤ xi ≤ 1 and 0 < delta < 1; got "
+        if not 1 <= self.pause_span <= 100 or not 0.0 <= self.xi <= 1.0 or not 0.0 < self.delta < 1.0:
+            raise ValueError(f"tpc needs 1 ≤ pause_span ≤ 100, 0 ≤ xi ≤ 1 and 0 < delta < 1; got "
                              f"{self.pause_span}, {self.xi}, {self.delta}")
 
 

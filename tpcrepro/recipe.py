@@ -100,7 +100,11 @@ class TrainCfg:
 @dataclass(frozen=True)
 class EvalCfg:
     batch_size: int = 256
-    every: int = 1  # evaluate after every N-th epoch during training (and always after the last)
+    every: int = 1  # evaluate after every N-th epoch during training (and always after the last); 0: the last only
+    # The evaluations before the last on the first N validation images only: the training curve (Figure 4,
+    # the record's history_top1) at a fraction of a full evaluation. The last evaluation is on every image,
+    # and the curve's last point is read from its hits on the same first N. None: every evaluation on all.
+    curve_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -423,8 +427,10 @@ def _validate(obj: Any, source: str) -> None:
             raise UserError(f"{source}: 'jobs' has unknown kind {bad[0]!r} (valid: {', '.join(JOB_KINDS)})")
     if isinstance(obj, DataCfg) and obj.dataset not in DATASETS:
         raise UserError(f"{source}: 'data.dataset' must be one of {', '.join(DATASETS)}, got {obj.dataset!r}")
-    if isinstance(obj, EvalCfg) and obj.every < 1:
-        raise UserError(f"{source}: 'eval.every' must be at least 1, got {obj.every}")
+    if isinstance(obj, EvalCfg) and obj.every < 0:
+        raise UserError(f"{source}: 'eval.every' must be 0 (after the last epoch only) or more, got {obj.every}")
+    if isinstance(obj, EvalCfg) and obj.curve_size is not None and obj.curve_size < 1:
+        raise UserError(f"{source}: 'eval.curve_size' must be at least 1 (or null: every image), got {obj.curve_size}")
     if isinstance(obj, TrainCfg) and obj.optimizer not in ("adam", "adamw"):
         raise UserError(f"{source}: 'train.optimizer' must be adam or adamw, got {obj.optimizer!r}")
     if isinstance(obj, TrainCfg) and obj.amp_dtype not in ("bf16", "fp16"):

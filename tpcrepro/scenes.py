@@ -20,15 +20,18 @@ data that ships inside scikit-learn, so it needs no download:
   middle `spread` of the positions where it fits), blended over the
   rest with its scan as alpha and a random colour whose luminance differs
   from the pixels under it by at least `contrast`. Its label is the label.
-- **split**: scikit-learn's 1797 digits split once, stratified, 1437/360
-  (`random_state=0`, the digits profile's split); training scenes draw digit
-  and clutter only from the 1437, validation scenes only from the 360.
+- **split**: scikit-learn's 1797 digits split once, stratified, into
+  `val_digits` held out (360 by default: the digits profile's 1437/360
+  split, `random_state=0`) and the rest; training scenes draw digit and
+  clutter only from the rest, validation scenes only from the held-out ones.
 - **determinism**: scene `i` of epoch `e` for seed `s` is drawn from
   `numpy.random.default_rng([s, e, i])`: any sampler order, DataLoader
   worker, DDP rank or resumed run sees the same scene. Training draws a
   fresh scene for every image every epoch (`train_size` per epoch); the
   validation set is fixed (`val_size` scenes from `default_rng([VAL_SEED, i])`,
-  the same for every seed; scene i shows held-out digit i mod 360).
+  the same for every seed; scene i shows held-out digit i mod `val_digits`:
+  `val_clusters` gives that digit per scene, the unit the claims' bootstrap
+  resamples, since scenes of one glyph are not independent).
 
 Each scene also has its digit's alpha mask; `token_coverage` gives the
 fraction of patch tokens the digit touches (the redundancy that token
@@ -53,6 +56,7 @@ class ScenesCfg:
     canvas: int = 32
     train_size: int = 8192  # fresh scenes per training epoch
     val_size: int = 3000  # fixed validation scenes
+    val_digits: int = DIGITS_VAL  # held-out digits (scikit-learn's digits split stratified, random_state=0)
     digit_min: int = 10  # side of the upscaled digit, pixels
     digit_max: int = 14
     clutter: int = 4  # fragments of other digits per scene
@@ -70,6 +74,9 @@ class ScenesCfg:
                              f"{self.digit_min}, {self.digit_max}, {self.canvas}")
         if self.train_size < 1 or self.val_size < 1 or self.clutter < 0 or not 0 < self.fragment <= 1:
             raise ValueError("data.scenes: train_size and val_size must be >= 1, clutter >= 0, 0 < fragment <= 1")
+        if not 10 <= self.val_digits <= 1787:
+            raise ValueError(f"data.scenes.val_digits must be in [10, 1787] (scikit-learn has 1797 digits, 10 classes), "
+                             f"got {self.val_digits}")
 
 
 # ---------------------------------------------------------------- assets
@@ -83,13 +90,13 @@ class Assets:
     backgrounds: tuple  # float32 [h, w, 3] in [0, 1], each at least canvas × canvas
 
 
-def digit_split() -> tuple[np.ndarray, np.ndarray]:
-    """Indices of scikit-learn's digits for training and validation (stratified 1437/360, random_state=0)."""
+def digit_split(val_digits: int = DIGITS_VAL) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of scikit-learn's digits for training and validation (stratified, `val_digits` held out, random_state=0)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     target = load_digits().target
-    idx_train, idx_val = train_test_split(np.arange(len(target)), test_size=DIGITS_VAL, stratify=target, random_state=0)
+    idx_train, idx_val = train_test_split(np.arange(len(target)), test_size=val_digits, stratify=target, random_state=0)
     return np.asarray(idx_train), np.asarray(idx_val)
 
 
@@ -121,11 +128,11 @@ def _backgrounds(split: str, canvas: int) -> tuple:
 
 
 @lru_cache(maxsize=4)
-def assets(split: str, canvas: int, digit_min: int, digit_max: int) -> Assets:
+def assets(split: str, canvas: int, digit_min: int, digit_max: int, val_digits: int = DIGITS_VAL) -> Assets:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    idx = digit_split()[0 if split == "train" else 1]
+    idx = digit_split(val_digits)[0 if split == "train" else 1]
     images = (digits.images[idx] / 16.0).astype(np.float32)
     return Assets(glyphs=_glyphs(images, range(digit_min, digit_max + 1)),
                   labels=digits.target[idx].astype(np.int64), backgrounds=_backgrounds(split, canvas))
@@ -210,6 +217,14 @@ def draw(cfg: ScenesCfg, a: Assets, rng: np.random.Generator, digit: int | None 
     return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32), int(a.labels[main]), mask
 
 
+def val_clusters(cfg: ScenesCfg) -> np.ndarray:
+    """The held-out digit each validation scene shows (scene i: digit i mod val_digits). int64 [val_size].
+
+    Scenes of one glyph share its difficulty, so they are not independent draws: the claims' bootstrap
+    resamples these digits, each with all its scenes."""
+    return np.arange(cfg.val_size) % cfg.val_digits
+
+
 def digit_tokens(masks: np.ndarray, patch: int, threshold: float = 0.25) -> np.ndarray:
     """Which patch tokens the digit touches (a pixel of alpha > threshold). masks [B, C, C] -> bool [B, g, g]."""
     b, c, _ = masks.shape
@@ -231,7 +246,7 @@ class ScenesDataset:
         if split not in ("train", "val"):
             raise ValueError(f"split must be train or val, got {split!r}")
         self.split, self.cfg, self.seed, self.epoch = split, cfg, seed, 0
-        self.assets = assets(split, cfg.canvas, cfg.digit_min, cfg.digit_max)
+        self.assets = assets(split, cfg.canvas, cfg.digit_min, cfg.digit_max, cfg.val_digits)
         self.classes = [str(i) for i in range(10)]
 
     def set_epoch(self, epoch: int) -> None:

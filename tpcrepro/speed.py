@@ -69,47 +69,52 @@ def _autocast(p: Protocol):
     return nullcontext()
 
 
-def _time_steps(model: nn.Module, x: torch.Tensor, p: Protocol) -> float:
-    """Seconds per forward of batch x, averaged over p.steps, between syncs."""
-    if x.is_cuda:
+def _time_steps(model: nn.Module, xs: list[torch.Tensor], p: Protocol) -> float:
+    """Seconds per forward, averaged over p.steps forwards of the batches xs in turn, between syncs."""
+    if xs[0].is_cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(p.steps):
-            model(x)
+        for i in range(p.steps):
+            model(xs[i % len(xs)])
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1000.0 / p.steps
     t0 = time.perf_counter()
-    for _ in range(p.steps):
-        model(x)
+    for i in range(p.steps):
+        model(xs[i % len(xs)])
     return (time.perf_counter() - t0) / p.steps
 
 
 def compare(models: dict[str, nn.Module], input_shape: tuple, p: Protocol,
-            inputs: Optional[torch.Tensor] = None) -> dict[str, dict]:
+            inputs: Optional[torch.Tensor | list[torch.Tensor]] = None) -> dict[str, dict]:
     """Time each model by the protocol; the first one is the baseline of the ratios.
 
-    inputs: the batch to time on (default random of input_shape); models whose cost depends on the
-    values (an adaptive controller) are timed on the images they were calibrated on.
+    inputs: the batch to time on (default random of input_shape), or a list of batches of one size that
+    every timed repeat walks through in turn (an adaptive controller's cost depends on the images: a trained
+    one is timed over many); models whose cost depends on the values are timed on the images they were
+    calibrated on.
     """
     prepared = {}
     for name, m in models.items():
         m = m.eval().to(p.device)
         prepared[name] = torch.compile(m) if p.compile else m
-    x = torch.randn(p.batch_size, *input_shape, device=p.device) if inputs is None else inputs.to(p.device)
+    if inputs is None:
+        xs = [torch.randn(p.batch_size, *input_shape, device=p.device)]
+    else:
+        xs = [t.to(p.device) for t in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
     times: dict[str, list[float]] = {n: [] for n in prepared}
     with torch.inference_mode(), _autocast(p):
         for m in prepared.values():
-            for _ in range(p.warmup):
-                m(x)
-        if x.is_cuda:
+            for i in range(max(p.warmup, len(xs))):
+                m(xs[i % len(xs)])
+        if xs[0].is_cuda:
             torch.cuda.synchronize()
         for _ in range(p.repeats):
             for n, m in prepared.items():
-                times[n].append(_time_steps(m, x, p))
+                times[n].append(_time_steps(m, xs, p))
     base_ts = times[next(iter(times))]
     out = {}
-    b = len(x)
+    b = len(xs[0])
     for n, ts in times.items():
         med = statistics.median(ts)
         paired = [tb / t for tb, t in zip(base_ts, ts)]  # each repeat's ratio to the baseline timed beside it

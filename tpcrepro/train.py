@@ -203,6 +203,10 @@ class Fit:
         self.train_loader = data_mod.train_loader(ds.train, cfg.batch_size // d.world, workers,
                                                   recipe.data.aug, seed, d.rank, d.world)
         self.val_loader = data_mod.eval_loader(ds.val, recipe.eval.batch_size // d.world or 1, workers, d.rank, d.world)
+        self.curve_size = min(recipe.eval.curve_size or len(ds.val), len(ds.val))  # the training curve's images
+        self.curve_loader = self.val_loader if self.curve_size == len(ds.val) else data_mod.eval_loader(
+            torch.utils.data.Subset(ds.val, range(self.curve_size)), recipe.eval.batch_size // d.world or 1, workers,
+            d.rank, d.world)
         self.mixup = None if self.token_labels else data_mod.mixup_fn(recipe.data.aug, ds.num_classes)
         self.criterion = criterion_for(recipe.data.aug, self.mixup is not None)
         self.model = model.to(d.device)
@@ -429,10 +433,14 @@ class Fit:
         for epoch in range(self.start_epoch, self.cfg.epochs):
             row = {"epoch": epoch, **self.train_epoch(epoch, hook)}
             last = epoch + 1 == self.cfg.epochs
-            if (epoch + 1) % self.recipe.eval.every == 0 or last:  # the validation set may cost more than an epoch
-                row.update(evaluate(self.model, self.val_loader, d, self.cfg, per_image=last))
-                final = {k: v for k, v in row.items() if k in EVAL_KEYS or k.startswith("tokens_") or k == "macs"} \
-                    if last else None
+            every = self.recipe.eval.every
+            if last:
+                row.update(evaluate(self.model, self.val_loader, d, self.cfg, per_image=True))
+                row["curve_top1"] = self._curve_point(row)
+                final = {k: v for k, v in row.items() if k in EVAL_KEYS or k.startswith("tokens_") or k == "macs"}
+            elif every and (epoch + 1) % every == 0:  # the training curve: on its first curve_size images
+                row.update(evaluate(self.model, self.curve_loader, d, self.cfg))
+                row["curve_top1"] = row["top1"]
             self.history.append(row)
             if d.main:  # checkpoint first: it holds the row, and metrics.jsonl is rebuilt from it on a restart
                 _test_point("before_ckpt", epoch)
@@ -454,10 +462,19 @@ class Fit:
         final.update(self._train_summary())
         return final
 
+    def _curve_point(self, row: dict) -> Optional[float]:
+        """The training curve's point of the last evaluation: top-1 on its first curve_size images (from the hits)."""
+        if self.curve_size == row.get("n_val"):
+            return row["top1"]
+        if "correct_top1" not in row:  # skipped images: no per-image hits to read the first ones from
+            return None
+        return 100.0 * float(unpack_correct(row["correct_top1"], row["n_val"])[: self.curve_size].mean())
+
     def _train_summary(self) -> dict:
         rows = self.history
         if not rows:
             return {}
         rates = [r["train_images_per_sec"] for r in rows if not math.isnan(r.get("train_images_per_sec", math.nan))]
         return {"final_train_loss": rows[-1]["loss"], "train_images_per_sec": sum(rates) / len(rates),
-                "history_top1": [r.get("top1") for r in rows]}  # val top-1 after each epoch (Figure 4)
+                "history_top1": [r.get("curve_top1", r.get("top1")) for r in rows],  # the training curve (Figure 4)
+                "history_n_val": self.curve_size}

@@ -47,29 +47,49 @@ class TokenState:
         return TokenState(self.R[keep], self.rho[keep], self.halted[keep], self.pause_left[keep])
 
 
+def gate_channels(t: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
+    """The gate channels of the block output t [B, N, C] -> [B, N, 2] (i, j), or [B, N, 1] with single_gate."""
+    i, j = cfg.gate_dims
+    return t[..., i:i + 1] if cfg.single_gate else t[..., i:i + 2] if j == i + 1 else t[..., [i, j]]
+
+
+def gate_probs(t: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
+    """σ(γ·t − β) of the gate channels of the block output t [B, N, C] -> [B, N, 2] (pause p, non-restart r̃),
+    or [B, N, 1] (p) with single_gate (A-ViT); float32 (t's dtype if wider).
+
+    Computed in float64 and rounded: the removed form's host controller computes the same in numpy
+    (host_controller.gate_probs), and float64 sigmoids of two libraries, rounded to float32, agree (in every
+    one of 20 M values tested), where float32 sigmoids do not.
+    """
+    sign = -1.0 if cfg.gate_sign == "minus" else 1.0
+    out = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return gate_channels(t, cfg).double().mul(cfg.gamma).add_(sign * cfg.beta).sigmoid_().to(out)
+
+
 def gates(t: torch.Tensor, cfg: TPCCfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Pause p and non-restart r̃ from the block output t [B, N, C] -> ([B, N], [B, N]).
 
-    With single_gate (A-ViT), r̃ ≡ 1 so b = p. Both gates in one sigmoid when their channels are adjacent.
+    With single_gate (A-ViT), r̃ ≡ 1 so b = p.
     """
-    sign = -1.0 if cfg.gate_sign == "minus" else 1.0
-    i, j = cfg.gate_dims
-    f32 = (lambda v: v) if t.dtype == torch.float32 else (lambda v: v.float())  # noqa: E731  (no op when fp32)
+    g = gate_probs(t, cfg)
     if cfg.single_gate:
-        p = torch.sigmoid(cfg.gamma * f32(t[..., i]) + sign * cfg.beta)
-        return p, torch.ones_like(p)
-    both = t[..., i : i + 2] if j == i + 1 else t[..., [i, j]]
-    g = torch.sigmoid(cfg.gamma * f32(both) + sign * cfg.beta)
+        return g[..., 0], torch.ones_like(g[..., 0])
     return g[..., 0], g[..., 1]
 
 
 def regularize(b: torch.Tensor, computed: torch.Tensor, cfg: TPCCfg) -> torch.Tensor:
-    """TDR (Eq. 9): mix each token's b with the mean b of the tokens computed in its image. [B, N]."""
+    """TDR (Eq. 9): mix each token's b with the mean b of the tokens computed in its image. [B, N].
+
+    The mean is summed in float64 and rounded to b's float32: float32 sums depend on the order of summation
+    (numpy's and torch's differ in about half of 65-token rows), float64 sums of float32 values rounded back
+    agree across orders (in every one of 80,000 such rows tested), so the removed form's host controller,
+    which sums with numpy, takes the same decisions bit for bit.
+    """
     if not cfg.tdr or cfg.xi == 1.0:
         return b
-    m = computed.float()
-    mean = (b * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_(min=1.0)
-    return torch.lerp(mean, b, cfg.xi)  # ξ·b + (1 − ξ)·mean
+    m = computed.double()
+    mean = ((b.double() * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_(min=1.0)).to(b.dtype)
+    return mean + cfg.xi * (b - mean)  # ξ·b + (1 − ξ)·mean, in the operations host_controller repeats
 
 
 def step(state: TokenState, b_hat: torch.Tensor, p: torch.Tensor, r_tilde: torch.Tensor, computed: torch.Tensor,
@@ -106,35 +126,6 @@ def decide(state: TokenState, t: torch.Tensor, computed: torch.Tensor, last: boo
     b_hat = torch.ones_like(b) if last else regularize(b, computed, cfg)
     state, w, halt = step(state, b_hat, p, r_tilde, computed, last, is_cls, cfg)
     return state, w, halt, b, b_hat
-
-
-def decide_removed(state: TokenState, t: torch.Tensor, computed: torch.Tensor, n_computed: torch.Tensor, last: bool,
-                   may_pause: torch.Tensor, cfg: TPCCfg) -> tuple[TokenState, torch.Tensor, torch.Tensor]:
-    """`decide` for inference, in fewer tensor ops (the removed form's per-layer cost at small batch sizes).
-
-    The same values as `decide`: the same gates, TDR, halting and pausing, the same halting weights, but no
-    ponder cost (ρ stays as it is: it feeds only the training losses), no breaks returned, and what the caller
-    has already counted passed in: n_computed [B, 1] (computed tokens per image), may_pause [B, N] (not CLS).
-    Returns (state, halting weights w, halted here).
-    """
-    if last:  # b̂ = 1: every computed token halts with its remainder
-        halt = computed
-        w = torch.where(computed, state.R, 0.0)
-        return TokenState(state.R, state.rho, state.halted | halt, (state.pause_left - 1).clamp_(min=0)), w, halt
-    p, r_tilde = gates(t, cfg)
-    b = p * r_tilde
-    if cfg.tdr and cfg.xi != 1.0:  # Eq. 9 with the mean over the image's computed tokens
-        mean = torch.where(computed, b, 0.0).sum(1, keepdim=True) / n_computed.clamp(min=1)
-        b = torch.lerp(mean, b, cfg.xi)
-    rem = state.R - b
-    halt = computed & (rem <= cfg.delta)
-    running = computed ^ halt
-    w = torch.where(halt, state.R, torch.where(computed, b, 0.0))
-    R = torch.where(running, rem, state.R)
-    pause_left = (state.pause_left - 1).clamp_(min=0)
-    if cfg.reuse == "pause":
-        pause_left = pause_left.masked_fill_(running & may_pause & (p >= 0.5) & (r_tilde <= 0.5), cfg.pause_span)
-    return TokenState(R, state.rho, state.halted | halt, pause_left), w, halt
 
 
 def finish(state: TokenState, images: torch.Tensor | None = None) -> tuple[TokenState, torch.Tensor]:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import LayerNorm, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from tpcrepro import flops
 from tpcrepro.models import controller as ctl
+from tpcrepro.models import host_controller as hc
 from tpcrepro.models.registry import DEIT_NAMES, SMOKE_NAME, register_family
 from tpcrepro.models.stabilizer import attention
 
@@ -80,76 +82,77 @@ def qkv_split(qkv: torch.nn.Linear, c: int) -> tuple:
     return cached[1]
 
 
-def block_sets(blk: Block, x_kv: torch.Tensor, nq: int, valid: Optional[torch.Tensor],
-               kappa: Optional[int]) -> torch.Tensor:
-    """A timm block whose queries are the first nq rows of its keys/values x_kv [B, Nk, C] -> [B, nq, C].
+def call(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x) for a block's parts at inference, the standard ones (Identity, Linear, LayerNorm, GELU) without
+    nn.Module's call machinery: the same operator on the same arguments, so the same bits, a few µs less each
+    (at batch 1 a width-64 block's ~15 parts cost more in calls than in arithmetic). A part with hooks, or of
+    another type, is called as a module."""
+    t = type(m)
+    if t is torch.nn.Identity:
+        return x
+    if m._forward_hooks or m._forward_pre_hooks:
+        return m(x)
+    if t is torch.nn.Linear:
+        return F.linear(x, m.weight, m.bias)
+    if t is LayerNorm and not m._fast_norm or t is torch.nn.LayerNorm:
+        return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    if t is torch.nn.GELU:
+        return F.gelu(x, approximate=m.approximate)
+    return m(x)
 
-    norm1 runs once on the keys; the query projection only on the first nq
-    rows (one qkv matmul when nq = Nk). valid: bool [B, Nk] usable keys (None: all).
+
+def block_sets(blk: Block, x_kv: torch.Tensor, nq: int, valid: Optional[torch.Tensor],
+               kappa: Optional[int], fused: bool = False) -> torch.Tensor:
+    """A timm block at inference whose queries are the first nq rows of its keys/values x_kv [B, Nk, C] ->
+    [B, nq, C].
+
+    norm1 runs once on the keys; the query projection only on the first nq rows (one qkv matmul when
+    nq = Nk, or when `fused`: then the query rows past nq are computed and dropped, which costs less than a
+    second matmul call on a small layer). valid: bool [B, Nk] usable keys (None: all).
     """
     a = blk.attn
     b, nk, c = x_kv.shape
-    h = blk.norm1(x_kv)
-    if nq == nk:
-        q, k, v = a.qkv(h).reshape(b, nk, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    h = call(blk.norm1, x_kv)
+    if nq == nk or fused:
+        q, k, v = call(a.qkv, h).reshape(b, nk, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q = q[:, :, :nq]
     else:
         wq, bq, wkv, bkv = qkv_split(a.qkv, c)
         q = F.linear(h[:, :nq], wq, bq).reshape(b, nq, a.num_heads, a.head_dim).transpose(1, 2)
         kv = F.linear(h, wkv, bkv)
         k, v = kv.reshape(b, nk, 2, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    q, k = a.q_norm(q), a.k_norm(k)
+    q, k = call(a.q_norm, q), call(a.k_norm, k)
     o = attention(q, k, v, None if valid is None else valid[:, None, None, :], kappa, a.scale, 0.0)
-    o = a.proj(a.norm(o.transpose(1, 2).reshape(b, nq, c)))
-    x = x_kv[:, :nq] + blk.ls1(o)
-    return x + blk.ls2(mlp_eval(blk.mlp, blk.norm2(x)))
+    o = call(a.proj, call(a.norm, o.transpose(1, 2).reshape(b, nq, c)))
+    x = x_kv[:, :nq] + call(blk.ls1, o)
+    return x + call(blk.ls2, mlp_eval(blk.mlp, call(blk.norm2, x)))
 
 
 def mlp_eval(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's Mlp without its dropouts when they do nothing (inference, or p = 0); any other MLP as it is."""
     if type(mlp) is Mlp and (not mlp.training or mlp.drop1.p == mlp.drop2.p == 0.0):
-        return mlp.fc2(mlp.norm(mlp.act(mlp.fc1(x))))
+        return call(mlp.fc2, call(mlp.norm, call(mlp.act, call(mlp.fc1, x))))
     return mlp(x)
 
 
-def layer_sets_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor, sizes: tuple,
-                kappa: Optional[int]) -> torch.Tensor:
-    """One block on the computed tokens of x [B, N, C] (updated in place and returned); masks [B, N], computed ⊆ kv.
-
-    sizes (host ints, read once per layer): (largest computed count, largest
-    kv count, whether counts differ between images). Per image the tokens
-    are ordered computed first, then the other keys (one argsort), gathered
-    once by index_select; the queries are the first rows of the keys, so
-    one gather and one norm1 serve both. Without padding (batch 1, or equal
-    counts) no mask and no write-back select are needed.
-    """
-    nq, nkv, ragged = sizes
-    b, n, c = x.shape
-    if nq == n and not ragged:  # every token computed in every image: the plain block
-        return block_forward(blk, x, None, None, kappa)
-    key = kv.to(torch.int8) + computed  # 2: query and key, 1: key only, 0: neither
-    idx = torch.argsort(key, dim=1, descending=True, stable=True)[:, :nkv]
-    flat = idx if b == 1 else idx + torch.arange(0, b * n, n, device=x.device)[:, None]
-    xf = x.view(b * n, c)
-    x_kv = xf.index_select(0, flat.reshape(-1)).view(b, nkv, c)
-    valid = key.gather(1, idx) if ragged else None
-    new = block_sets(blk, x_kv, nq, None if valid is None else valid > 0, kappa)
-    if ragged:  # rows past an image's own count are padding: they keep their value
-        new = torch.where((valid[:, :nq] == 2)[..., None], new, x_kv[:, :nq])
-    new = new.reshape(-1, c)
-    xf.index_copy_(0, flat[:, :nq].reshape(-1), new if new.dtype == x.dtype else new.to(x.dtype))
-    return x
-
-
-def host_sizes(nq: list[int], nkv: list[int]) -> tuple[int, int, bool]:
-    """(largest computed count, largest kv count, counts differ) of a group of images."""
-    return max(nq), max(nkv), min(nq) != max(nq) or min(nkv) != max(nkv)
-
-
-# A group's fixed cost on a CPU in MACs of arithmetic, for the cost-based grouping (group_overhead_macs): one more
-# group runs a whole block's ~35 operators and a gather and scatter. From a 2-core CPU, fp32 (docs/measure.md): the
-# trained smoke ViT at batch 32 ran 0.98x of dense in one padded group and 0.68x in four, ~1 ms a layer for each
-# extra group, which is ~5e7 MACs at the ~55 G MACs/s dense DeiT-S ran at there.
+# A group's fixed cost on a CPU in MACs of arithmetic, for the cost-based grouping: one more group runs a whole
+# block's ~15 operators and a gather and scatter. From a 2-core CPU, fp32 (docs/measure.md): the trained smoke ViT
+# at batch 32 ran 0.98x of dense in one padded group and 0.68x in four, ~1 ms a layer for each extra group, which
+# is ~5e7 MACs at the ~55 G MACs/s dense DeiT-S ran at there.
 GROUP_OVERHEAD_MACS_CPU = 5e7
+
+
+def fuse_qkv(rows: int, nq: int, nkv: int, c: int, overhead: Optional[float]) -> bool:
+    """One qkv matmul over all keys rather than q on the queries and kv on the keys, where the query rows it
+    computes for nothing cost less than a matmul call (a sixteenth of a group's fixed cost)."""
+    return overhead is not None and rows * (nkv - nq) * c * c < overhead / 16
+
+
+def group_overhead(overhead: Optional[float], device: torch.device) -> Optional[float]:
+    """The cost rule's fixed cost of a group: the model's setting, else the CPU's (None elsewhere: fixed groups)."""
+    if overhead is not None:
+        return overhead
+    return GROUP_OVERHEAD_MACS_CPU if device.type == "cpu" else None
 
 
 def groups(nq: list[int], buckets: int, nkv: Optional[list[int]] = None, dims: Optional[tuple[int, int]] = None,
@@ -190,54 +193,54 @@ def groups(nq: list[int], buckets: int, nkv: Optional[list[int]] = None, dims: O
     return best
 
 
-def layer_grouped_(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor, nq: list[int],
-                   nkv: list[int], buckets: int, kappa: Optional[int], overhead: Optional[float] = None) -> torch.Tensor:
-    """layer_sets_ on each group of images of similar count (host counts nq, nkv per image); x updated in place.
+def layer_packed_(blk: Block, x: torch.Tensor, computed: np.ndarray, kv: np.ndarray, buckets: int,
+                  kappa: Optional[int], overhead: Optional[float] = None,
+                  plan: Optional[hc.Plan] = None) -> torch.Tensor:
+    """One block on the computed tokens of x [B, N, C] (updated in place and returned); host masks [B, N] bool,
+    computed ⊆ kv: only computed tokens are queries, only kv tokens keys and values.
 
-    How many groups: `groups` (overhead: a group's fixed cost in MACs for the cost rule; None: `buckets` groups)."""
-    dims = (x.shape[-1], blk.mlp.fc1.out_features) if overhead is not None and isinstance(blk.mlp, Mlp) else None
-    parts = groups(nq, buckets, nkv, dims, overhead)
-    if len(parts) == 1:
-        return layer_sets_(blk, x, computed, kv, host_sizes(nq, nkv), kappa)
-    for part in parts:
-        i = torch.tensor(part, device=x.device)
-        sizes = host_sizes([nq[j] for j in part], [nkv[j] for j in part])
-        x.index_copy_(0, i, layer_sets_(blk, x.index_select(0, i), computed[i], kv[i], sizes, kappa))
+    The images are cut into groups of similar count (`groups`: `buckets` groups, or by the cost rule with a
+    group's fixed cost `overhead`), each padded to its own largest counts. Per image the tokens are ordered
+    computed first, then the other keys, then the rest (the plan's order), gathered by one index_select over
+    the group; the queries are the first rows of the keys, so one gather and one norm1 serve both. Without
+    padding (one image, or equal counts) no attention mask and no write-back select are needed. plan: the
+    host controller's (order and counts of these masks), else made here.
+    """
+    b, n, c = x.shape
+    plan = plan or hc.Plan.of(computed, kv)
+    nq_i, nkv_i, order = plan.nq, plan.nkv, plan.order
+    if nq_i.min() == n:  # every token computed in every image: the plain block
+        return block_sets(blk, x, n, None, kappa)
+    dev = None if x.device.type == "cpu" else x.device
+    index = (lambda a: torch.from_numpy(a)) if dev is None else (lambda a: torch.from_numpy(a).to(dev))  # noqa: E731
+    xf = x.view(b * n, c)
+    if b == 1:  # one image: its computed tokens, then its other keys, no padding
+        nq, nkv = int(nq_i[0]), int(nkv_i[0])
+        flat = index(order[0, :nkv])
+        new = block_sets(blk, xf.index_select(0, flat).view(1, nkv, c), nq, None, kappa,
+                         fuse_qkv(1, nq, nkv, c, overhead))
+        xf.index_copy_(0, flat if nkv == nq else index(order[0, :nq]), new.view(-1, c))
+        return x
+    dims = (c, blk.mlp.fc1.out_features) if overhead is not None and isinstance(blk.mlp, Mlp) else None
+    for part in groups(nq_i.tolist(), buckets, nkv_i.tolist(), dims, overhead):
+        rows = np.asarray(part)
+        gq, gkv = nq_i[rows], nkv_i[rows]
+        nq, nkv = int(gq.max()), int(gkv.max())
+        ragged = bool(gq.min() != nq or gkv.min() != nkv)
+        idx = order[rows, :nkv] + (rows * n)[:, None]  # rows of x viewed as [B·N, C]
+        flat = index(idx.reshape(-1))
+        x_kv = xf.index_select(0, flat).view(len(rows), nkv, c)
+        if nq == n and not ragged:  # every token of these images computed: their plain block
+            new = block_sets(blk, x_kv, n, None, kappa)
+        else:  # an image's keys are its first nkv rows, its queries its first nq
+            valid = index(np.arange(nkv) < gkv[:, None]) if ragged else None
+            new = block_sets(blk, x_kv, nq, valid, kappa, fuse_qkv(len(rows), nq, nkv, c, overhead))
+            if ragged:  # rows past an image's own count are padding: they keep their value
+                new = torch.where(index(np.arange(nq) < gq[:, None])[..., None], new, x_kv[:, :nq])
+        new = new.reshape(-1, c)
+        xf.index_copy_(0, flat if nq == nkv else index(idx[:, :nq].reshape(-1)),
+                       new if new.dtype == x.dtype else new.to(x.dtype))
     return x
-
-
-def layer_removed(blk: Block, x: torch.Tensor, computed: torch.Tensor, kv: torch.Tensor,
-                  kappa: Optional[int], buckets: int = 1) -> torch.Tensor:
-    """Only computed tokens are queries and only `kv` tokens keys/values (computed ⊆ kv), gathered and padded.
-
-    Padding to the batch's largest count wastes the difference to the mean;
-    with buckets > 1 the images are sorted by their count and run in that
-    many groups, each padded only to its own largest count. x is not changed.
-    """
-    counts = torch.stack((computed.sum(1), kv.sum(1))).tolist()  # the one host read of this layer
-    return layer_grouped_(blk, x.clone(), computed, kv, counts[0], counts[1], buckets, kappa)
-
-
-def removed_tail(R: torch.Tensor, halted: torch.Tensor, pause_left: torch.Tensor, x: torch.Tensor,
-                 computed: torch.Tensor, paused: torch.Tensor, n_computed: torch.Tensor, may_pause: torch.Tensor,
-                 first: torch.Tensor, acc: torch.Tensor, cfg: ctl.TPCCfg) -> tuple:
-    """The removed form between two blocks (not after the last): the controller's decision on the block output
-    x [B, N, C] (ctl.decide_removed), its halting-weighted outputs added to acc [B, k, C], then the next layer's
-    masks and the rows of its host read.
-
-    Returns (R, halted, pause_left, acc, computed, paused, kv, sums): the next layer's computed / paused / kv
-    masks [B, N] and sums [B, 6] (computed, kv, paused, restarted, halted at this layer, CLS halted).
-    """
-    state = ctl.TokenState(R, R, halted, pause_left)  # ρ is not read at inference
-    state, w, halt = ctl.decide_removed(state, x, computed, n_computed, False, may_pause, cfg)
-    k = acc.shape[1]
-    acc = acc.addcmul(w[:, :k, None], x[:, :k])
-    running = ~state.halted
-    nxt = running & (state.pause_left == 0)
-    now_paused = running ^ nxt
-    kv = running if cfg.paused_as_kv else nxt
-    sums = torch.stack((nxt, kv, now_paused, nxt & paused, halt, state.halted & first), 1).sum(-1)
-    return state.R, state.halted, state.pause_left, acc, nxt, now_paused, kv, sums
 
 
 class TPCVisionTransformer(VisionTransformer):
@@ -261,10 +264,9 @@ class TPCVisionTransformer(VisionTransformer):
         self._kappa = kappa
         self.kappa_train_only = kappa_train_only  # the stabilizer in training only; dense attention at inference
         self.inference = inference
-        self.buckets = buckets  # removed form: images grouped by token count, padded per group
-        # None: `buckets` groups; a group's fixed cost in MACs (GROUP_OVERHEAD_MACS_CPU on a CPU): as many groups
-        # (1, 2, 4, … ≤ buckets) as the estimated cost says. The padding changes the rounding, and a token whose
-        # halting sum lies within rounding of 1 − δ may then halt a layer apart: records keep the fixed split.
+        self.buckets = buckets  # removed form: at most this many groups of images of similar token count
+        # A group's fixed cost in MACs for the cost rule (`groups`: as many groups, 1, 2, 4, … ≤ buckets, as the
+        # estimated cost says); None: the device's (GROUP_OVERHEAD_MACS_CPU on a CPU, elsewhere `buckets` groups).
         self.group_overhead_macs = group_overhead_macs
         if self.global_pool != "token":
             raise ValueError(f"TPC predicts from the CLS token: global_pool must be 'token', got {self.global_pool!r}")
@@ -382,75 +384,45 @@ class TPCVisionTransformer(VisionTransformer):
     def forward_removed(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
         """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's).
 
-        Per layer one host read (each image's computed, kv, paused and restarted counts, the tokens it halted at the
-        previous layer and whether its CLS has halted) drives the packing and the batch shrinking and gives the
-        stats rows, which are kept on the host and become one tensor at the end. Between two blocks the controller
-        (`removed_tail`: the decision, the output sum, the next layer's masks and counts) is a fixed set of tensor
-        ops on [B, N] with no host read."""
+        The controller runs on the host (host_controller: numpy, the masked form's values bit for bit): per layer
+        the device sends the gate channels' sigmoids and receives the halting weights of the output tokens and
+        the gather indices. Only the computed tokens are queries, only the available ones keys and values
+        (`layer_packed_`); an image whose CLS has halted leaves the batch with its output final."""
         x = self._embed(x, box).contiguous()
         bsz, n, c = x.shape
-        state = ctl.TokenState.start(bsz, n, x.device)
-        is_cls = self._is_cls(bsz, n, x.device)
-        may_pause = ~is_cls
-        first = torch.zeros(1, n, dtype=torch.bool, device=x.device)
-        first[0, 0] = True  # the CLS token: an image ends once it has halted
-        depth = len(self.blocks)
-        images = list(range(bsz))  # original batch index of each image still running
-        k = self._n_out(n)  # tokens whose outputs the prediction reads
-        acc = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
-        final = torch.zeros(bsz, k, c, device=x.device, dtype=x.dtype)
-        counts = [[[0] * 5 for _ in range(depth)] for _ in range(bsz)]  # (n_q, n_kv, paused, restarted, halted)
-        computed = kv = ~state.halted  # before the first block every token is computed, none paused
-        paused = torch.zeros_like(computed)
-        host = [[n, n, 0, 0, 0, 0]] * bsz  # the first layer's rows of the host read, known without one
-        sums = torch.tensor(host, dtype=torch.long, device=x.device)
+        dev, cfg, depth = x.device, self.tpc, len(self.blocks)
+        st = hc.HostState.start(bsz, n)
+        out = hc.OutputSum(bsz, self._n_out(n), x)  # the outputs of the tokens the prediction reads
+        counts = np.zeros((bsz, depth, 5), np.int64)  # n_q, n_kv, paused, halted, restarted per image and layer
+        overhead = group_overhead(self.group_overhead_macs, dev)
         for i, blk in enumerate(self.blocks):
-            if i:
-                host = sums.tolist()  # the one host read of this layer: [images][6]
-                for j, h in zip(images, host):
-                    counts[j][i - 1][4] = h[4]
-            done = [h[5] > 0 for h in host]
-            if any(done):  # images whose CLS halted at the previous layer end there (ctl.finish) and leave
-                ended = torch.tensor(done, device=x.device)
-                acc, final = self._finish(acc, final, state, images, ended, x)
-                keep = ~ended
-                x, acc, may_pause = x[keep], acc[keep], may_pause[keep]
-                state, computed, paused, kv, sums = (state.index(keep), computed[keep], paused[keep], kv[keep],
-                                                     sums[keep])
-                images = [j for j, d in zip(images, done) if not d]
-                host = [h for h, d in zip(host, done) if not d]
-                if not images:
-                    break
-            for j, h in zip(images, host):
-                counts[j][i][:4] = h[:4]
-            x = layer_grouped_(blk, x, computed, kv, [h[0] for h in host], [h[1] for h in host], self.buckets,
-                               self.kappa, self.group_overhead_macs)
             last = i == depth - 1
-            if last:  # b̂ = 1: every computed token halts with its remainder; the images still running end below
-                acc = acc.addcmul_(torch.where(computed, state.R, 0.0)[:, :k, None], x[:, :k])
-                state = ctl.TokenState(state.R, state.rho, state.halted | computed, state.pause_left)
-                break
-            R, halted, pause_left, acc, computed, paused, kv, sums = removed_tail(
-                state.R, state.halted, state.pause_left, x, computed, paused, sums[:, :1], may_pause, first, acc,
-                self.tpc)
-            state = ctl.TokenState(R, state.rho, halted, pause_left)
-        if images:  # after the last layer every token has halted (b̂ = 1): the images still running end here
-            for j, h in zip(images, host):
-                counts[j][depth - 1][4] = h[0]  # every computed token halts at the last layer
-            acc, final = self._finish(acc, final, state, images, torch.ones(len(images), dtype=torch.bool,
-                                                                              device=x.device), x)
-        table = torch.tensor(counts, dtype=torch.long, device=x.device)
-        stats = {key: table[..., j] for key, j in zip(STAT_KEYS, (0, 1, 2, 4, 3))}
+            plan = hc.plan(st, cfg.paused_as_kv)  # this layer's masks, counts and gather order; st.was_paused set
+            x = layer_packed_(blk, x, plan.computed, plan.kv, self.buckets, self.kappa, overhead, plan)
+            t = None if last else ctl.gate_channels(x, cfg).float().cpu().numpy()
+            w, halt = hc.decide(st, t, plan.computed, plan.nq, last, self.num_prefix_tokens, cfg)  # CLS never pauses
+            rows = st.images
+            layer = np.stack((plan.nq, plan.nkv, plan.paused, halt.sum(1), plan.restarted), 1)
+            if len(rows) == bsz:
+                counts[:, i] = layer
+            else:
+                counts[rows, i] = layer
+            ended = st.halted[:, 0] if not last else np.ones(len(rows), bool)
+            any_ended = last or bool(ended.any())
+            if any_ended and (last or self.all_token_outputs):  # their tokens not yet halted end here too
+                w = w + hc.finish(st, ended)
+            out.add(w, x)
+            if any_ended:  # the prediction of an image whose CLS halted is final: it leaves the batch
+                out.end(ended, rows)
+                if last or ended.all():
+                    break
+                keep = ~ended
+                x, st = x[torch.from_numpy(keep).to(dev)], st.keep(keep)
+                out.keep(keep)
+        final = out.result()
+        table = torch.from_numpy(counts).to(dev)
+        stats = {key: table[..., j] for j, key in enumerate(("n_q", "n_kv", "paused", "halted", "restarted"))}
         return {**self._outputs(final, box, token_labels), "stats": stats}
-
-    def _finish(self, acc, final, state, images, ended, x):
-        """Tokens of the `ended` images not yet halted add their remainder (ctl.finish); their output is final.
-
-        images: the original batch index of each running image (host ints); ended: bool [running images]."""
-        k = acc.shape[1]
-        acc = acc + (state.R * ~state.halted)[:, :k, None] * ended[:, None, None] * x[:, :k]
-        final[torch.tensor(images, device=x.device)[ended]] = acc[ended]
-        return acc, final
 
     # -- the model's interface
     def _form(self, x: torch.Tensor, box=None, token_labels: bool = False) -> dict:
