@@ -99,7 +99,22 @@ def grid(device: str, full: bool) -> list[speed.Protocol]:
         settings += [("bf16", 256, True)] if full else []
         return [speed.Protocol(batch_size=b, precision=p, compile=c, device=device,
                                steps=30 if b > 1 else 100) for p, b, c in settings]
-    return [speed.Protocol.cpu_default(batch_size=b) for b in (32, 1)]
+    # CPU: every repeat walks 64 images (batch 1) or 4 batches of 32 (timed_inputs); 9 repeats give the ratios an
+    # interval (speed.median_interval)
+    return [speed.Protocol.cpu_default(batch_size=b, steps=s, repeats=9) for b, s in ((32, 8), (1, 64))]
+
+
+def timed_inputs(recipe: Recipe, batch: int) -> Optional[list[torch.Tensor]]:
+    """What a setting is timed on: on an embedded data set (smoke) its validation images, max(64, 4·batch) of
+    them in batches, which every repeat walks through (a trained controller decides on what it sees: on noise
+    it halts and pauses as it never does on its data); elsewhere None (random images: no data set is needed)."""
+    from tpcrepro.benchreal import val_images
+    from tpcrepro.data import EMBEDDED
+
+    if recipe.data.dataset not in EMBEDDED:
+        return None
+    x = val_images(recipe.id, max(64, 4 * batch))
+    return list(x[: len(x) // batch * batch].split(batch))
 
 
 def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] = None, full: bool = True,
@@ -127,7 +142,8 @@ def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] 
         name = f"{p.precision} batch {p.batch_size} {'compiled' if p.compile else 'eager'}"
         log(f"timing {len(models)} models, {name} on {speed.settings(p)['device_name']}")
         try:
-            timed = speed.compare(models, (m.in_chans, m.img_size, m.img_size), p)
+            timed = speed.compare(models, (m.in_chans, m.img_size, m.img_size), p, inputs=timed_inputs(base.recipe,
+                                                                                                   p.batch_size))
         except Exception as e:  # torch.compile can fail on a model; the eager settings stand
             if not p.compile:
                 raise
