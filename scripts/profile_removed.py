@@ -3,7 +3,7 @@
 The model is built as `tpcrepro bench` builds it: the backbone's initial
 weights with the gate centre β bisected so the removed forward lands at
 --macs on each profiled batch (the cost depends on the counts, not on the
-values), or a trained run's weights and gates (--run). Prints the wall time
+values), or a trained run's weights and gates on its validation images (--run). Prints the wall time
 per forward of dense and removed, the mean tokens per layer, and the top
 operators by self CPU time.
 
@@ -47,7 +47,7 @@ def main() -> None:
     print(f"{args.run or args.model}: {source}; threads {torch.get_num_threads()}")
     with torch.inference_mode():
         for b in args.batches:
-            x = benchreal.images(b, shape, 0)
+            x = benchreal.timed_batches(b, args.run, shape)[0]  # a run: its first validation images; else random
             if macs is not None:
                 bench.calibrate_beta(model, x, macs)
             stats = model.forward_removed(x)["stats"]

@@ -159,3 +159,32 @@ def test_cost_grouping_gives_the_same_counts_and_nearly_the_same_logits():
     assert model.group_overhead_macs is None  # set for the call only
     assert torch.equal(cost["stats"]["n_q"], finest["stats"]["n_q"])
     torch.testing.assert_close(cost["logits"], finest["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_trained_runs_are_timed_on_their_validation_images():
+    """A trained controller is timed on its own data (noise makes it halt and pause as it never does there);
+    every timed repeat walks the same batches in turn."""
+    from tpcrepro.recipe import load_recipe
+    from tpcrepro.scenes import ScenesDataset
+
+    batches = benchreal.timed_batches(4, "smoke/tpc", (3, 32, 32))
+    assert len(batches) == 16 and all(b.shape == (4, 3, 32, 32) for b in batches)  # 64 images
+    val = ScenesDataset("val", load_recipe("smoke/tpc").data.scenes)
+    assert torch.equal(batches[1][2], val[6][0])
+    assert len(benchreal.timed_batches(32, "smoke/tpc", (3, 32, 32))) == 4  # 4 batches of 32
+    (rand,) = benchreal.timed_batches(4, None, (3, 32, 32))
+    assert torch.equal(rand, benchreal.images(4, (3, 32, 32), 0))
+
+
+def test_compare_walks_the_batches_in_turn():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(int(x[0, 0]))
+            return x
+
+    xs = [torch.full((2, 3), float(i)) for i in range(3)]
+    p = speed.Protocol(batch_size=2, precision="fp32", warmup=0, steps=4, repeats=2, device="cpu")
+    speed.compare({"a": Spy()}, (3,), p, inputs=xs)
+    assert seen == [0, 1, 2] + [0, 1, 2, 0] * 2  # a warm-up pass over every batch, then each repeat from the first

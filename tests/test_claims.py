@@ -203,3 +203,17 @@ def test_evaluate_keeps_each_images_hit_in_data_set_order():
     flags = unpack_correct(out["correct_top1"], out["n_val"])
     assert np.array_equal(flags, (pred == y).numpy()) and out["top1"] == pytest.approx(100 * flags.mean())
     assert "correct_top1" not in evaluate(Oracle(), data.eval_loader(ds, 8, 0), distributed.init("cpu"))
+
+
+def test_budget_rows_judge_the_papers_tables_and_all_only(monkeypatch):
+    from tpcrepro import runner
+
+    # every job 10 minutes on one core: a table's minutes follow its job count, never a committed record
+    monkeypatch.setattr(runner, "measured_seconds", lambda jobs, cores: (600.0 * len(jobs) / cores, []))
+    rows = {r["What"].split("`")[1].split()[2]: r for r in claims.budget_rows()}
+    assert rows["table6"]["Target"] == "≤ 15 min" and rows["table6"]["Met"] == "**no**"
+    assert rows["all"]["Target"] == "≤ 120 min"
+    for beyond in ("ablation", "tradeoff"):
+        assert rows[beyond]["Target"].startswith("none") and rows[beyond]["Met"] == "—"
+    monkeypatch.setattr(runner, "measured_seconds", lambda jobs, cores: (60.0, []))
+    assert all(r["Met"] in ("yes", "—") for r in claims.budget_rows())

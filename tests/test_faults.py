@@ -355,3 +355,13 @@ def test_skipped_images_get_one_console_line_per_split(tmp_path, capsys):
     assert f"1 unreadable image(s) in the train split (first: {root / 'train' / 'a' / '1.png'})" in warns[0]
     assert f"1 unreadable image(s) in the val split (first: {root / 'val' / 'b' / '2.png'})" in warns[1]
     assert rec.metrics["val_skipped"] == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["run", "table2", "--no-such-flag"], "No such option: --no-such-flag (see 'tpcrepro run --help')"),
+    (["bench", "--batch-size", "many"], "Invalid value for '--batch-size'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_usage_errors_are_one_line_errors(argv, says, capsys, monkeypatch):
+    code, err = tpcrepro(argv, capsys, monkeypatch)
+    assert code == 2 and says in error_line(err)

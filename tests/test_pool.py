@@ -41,6 +41,21 @@ def test_makespan_packs_jobs_by_threads_after_their_base():
     assert pool.makespan(plan, took, cores=4, limit=1) == sum(map(took, plan))
 
 
+def test_longest_chains_start_first_and_timings_last():
+    """Plan order a (short), b (long), c (short): b first, and a pretraining before the rows that start from it."""
+    short, long_ = job("short"), job("long")
+    pre = job("pre", threads=2)
+    rows = [job("row", seed=s, base="pre", base_seed=0) for s in range(2)]
+    timing = job("t", "throughput")
+    secs = {"short": 2.0, "long": 6.0, "pre": 3.0, "row": 5.0, "t": 1.0}
+    took = lambda j: secs[j.recipe.id]  # noqa: E731
+    plan = [timing, short, long_, *rows, pre]
+    assert [j.recipe.id for j in pool.priority_order(plan, took)] == ["pre", "long", "row", "row", "short", "t"]
+    # two cores: pre (0-3, both), long (3-9) beside a row (3-8), the other row (8-13), short (9-11), the timing
+    # alone (13-14); in plan order the timing, short and long would go first and pre wait for both cores: 15
+    assert pool.makespan(plan, took, cores=2) == 14
+
+
 def test_a_timing_takes_every_core_and_a_failed_base_stops_its_rows():
     q = pool._Queue([job("x"), job("t", "throughput"), job("y")], cores=2, limit=2)
     assert [j.recipe.id for j in q.startable()] == ["x"]  # the timing waits for a machine of its own

@@ -255,11 +255,15 @@ def budget_rows() -> list[dict]:
         except UserError:  # no smoke row
             continue
         secs, unknown = runner.measured_seconds(plan.jobs, BUDGET_CORES)  # `run` on the budget's 2 cores
-        limit = BUDGET_MIN["all" if target == "all" else "table"]
+        # The paper's tables have one budget each and `all` its own; the tables beyond the paper (the ablation of
+        # the readings, the trade-off curves) have none of their own: they count in `all`.
+        limit = BUDGET_MIN["all"] if target == "all" else (
+            BUDGET_MIN["table"] if target.startswith("table") else None)
+        measured = f"{secs / 60:.1f} min" if not unknown else f"— ({len(unknown)} recipes not run yet)"
+        met = "—" if unknown or limit is None else ("yes" if secs / 60 <= limit else "**no**")
         rows.append({"What": f"`tpcrepro run {target} --profile smoke` from nothing ({len(plan.jobs)} jobs)",
-                     "Target": f"≤ {limit:.0f} min", "Measured": f"{secs / 60:.1f} min" if not unknown else
-                     f"— ({len(unknown)} recipes not run yet)", "Met": "—" if unknown else
-                     ("yes" if secs / 60 <= limit else "**no**")})
+                     "Target": f"≤ {limit:.0f} min" if limit is not None else "none (beyond the paper; counts in `all`)",
+                     "Measured": measured, "Met": met})
     return rows
 
 

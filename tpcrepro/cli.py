@@ -310,6 +310,20 @@ def convert_checkpoint(
                + (f"; dropped (not tensors or plain values): {', '.join(dropped)}" if dropped else ""))
 
 
+def _is_usage_error(e: Exception) -> bool:
+    """Click's usage errors (unknown option, bad value), from click itself or from the copy newer typer vendors."""
+    import click
+
+    kinds = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        kinds.append(vendored.ClickException)
+    return isinstance(e, tuple(kinds))
+
+
 def main() -> None:
     import warnings
 
@@ -329,10 +343,10 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+        if _is_usage_error(e):
+            ctx = getattr(e, "ctx", None)
+            where = ctx.command_path if ctx is not None else "tpcrepro"
+            print(f"error: {e.format_message()} (see '{where} --help')", file=sys.stderr)
             sys.exit(e.exit_code)
         raise
     if isinstance(rc, int) and rc:

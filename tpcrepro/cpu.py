@@ -1,4 +1,4 @@
-"""Pin the CPU kernels, so smoke numbers are bit-exact across Intel x86-64 CPUs with AVX2.
+"""Pin the CPU kernels, so smoke numbers are bit-exact across x86-64 CPUs of one vendor with AVX2.
 
 PyTorch (ATen's vectorised kernels), MKL (matrix products) and oneDNN each
 pick their code path by the CPU's instruction set; two machines of "the same
@@ -7,11 +7,11 @@ which a small model trained for minutes turns into a different top-1. Before
 torch loads, tpcrepro asks all three for their AVX2 path (ATen's capability,
 MKL's conditional numerical reproducibility, oneDNN's ISA cap). A variable
 already set is left as it is; TPCREPRO_NATIVE_CPU=1 keeps every library's own
-choice. Same torch, same threads (`OMP_NUM_THREADS`), an Intel CPU with AVX2
-or better: the same bits. MKL's AVX2 branch is Intel's only (elsewhere MKL
-takes its own branch), so AMD CPUs agree among themselves but not with Intel
-ones; the vendor-neutral branch (MKL_CBWR=COMPATIBLE) halves the speed. GPUs
-and other instruction sets reproduce only within noise.
+choice. Same torch, same threads (`OMP_NUM_THREADS`), a CPU of the same vendor
+with AVX2 or better: the same bits. MKL's AVX2 branch is Intel's only
+(elsewhere MKL takes its own branch), so AMD CPUs agree among themselves but
+not with Intel ones; the vendor-neutral branch (MKL_CBWR=COMPATIBLE) halves
+the speed. GPUs and other instruction sets reproduce only within noise.
 """
 
 from __future__ import annotations

@@ -111,9 +111,30 @@ class _Queue:
         (self.finished if ok else self.failed).add(key_of(job))
 
 
+def priority_order(jobs: list, seconds: Callable) -> list:
+    """The jobs by the work that hangs on them, most first: seconds(job) plus the longest chain of the trainings
+    that start from it (their `model.init_from`); ties in plan order; timing jobs last, in plan order. Started in
+    this order, the long chains (a pretraining and what it feeds) and the long jobs start early and the short
+    ones fill the cores at the end (on 2 cores, 0.2-0.9 min less than plan order for a table's 13-17 jobs)."""
+    children: dict = {}
+    for j in jobs:
+        if base_of(j) is not None:
+            children.setdefault(base_of(j), []).append(j)
+    memo: dict = {}
+
+    def chain(j) -> float:
+        k = key_of(j)
+        if k not in memo:
+            memo[k] = seconds(j) + max((chain(c) for c in children.get(k, [])), default=0.0)
+        return memo[k]
+
+    timing = [j for j in jobs if j.kind == "throughput"]
+    return sorted((j for j in jobs if j.kind != "throughput"), key=lambda j: -chain(j)) + timing
+
+
 def makespan(jobs: list, seconds: Callable, cores: int, limit: Optional[int] = None) -> float:
     """Wall-clock seconds the pool takes for `jobs` when each takes `seconds(job)`: the pool's rules, simulated."""
-    q = _Queue(list(jobs), cores, limit or cores)
+    q = _Queue(priority_order(list(jobs), seconds), cores, limit or cores)
     clock, ends = 0.0, []  # (end time, job)
     while True:
         for j in q.startable():
@@ -154,10 +175,12 @@ class _Child:
                 log(f"[dim]{escape(label)}[/] {escape(line.rstrip())}", wrap=False)
 
 
-def run_pool(todo: list, args_of: Callable, cores: int, limit: int, keep_going: bool = False) -> dict[str, int]:
-    """Run `todo` (jobs in plan order) as processes on `cores` cores, at most `limit` at once. Returns counts."""
+def run_pool(todo: list, args_of: Callable, cores: int, limit: int, keep_going: bool = False,
+             seconds: Optional[Callable] = None) -> dict[str, int]:
+    """Run `todo` as processes on `cores` cores, at most `limit` at once, in `priority_order` by `seconds(job)`
+    (the records' durations; None: plan order). Returns counts."""
     counts = {"done": 0, "failed": 0}
-    q = _Queue(list(todo), cores, limit)
+    q = _Queue(priority_order(list(todo), seconds) if seconds else list(todo), cores, limit)
     children: list[_Child] = []
     stop = False
     n = len(todo)

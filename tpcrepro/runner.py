@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import submitit.helpers
 
@@ -232,14 +232,9 @@ def gpu_hours(jobs: list[Job]) -> tuple[float, list[str]]:
     return total, unknown
 
 
-def measured_seconds(jobs: list[Job], cores: Optional[int] = None, limit: Optional[int] = None) -> tuple[float, list[str]]:
-    """What `jobs` took when last run here: each job's newest done record of its recipe and kind (any seed).
-
-    cores: the wall clock of `run --jobs limit` on that many cores (the pool's rules, simulated); None: one after
-    another.
-    Returns (seconds, recipes never run). On the machine that made the records this is the cost of a fresh run.
-    With --results elsewhere, the repository's committed records count too.
-    """
+def recorded_durations(jobs: list[Job]) -> tuple[Callable, list[str]]:
+    """(seconds(job), recipes never run): each job's newest done record here, of its recipe, kind and seed, else of
+    any seed; 0 for a job never run. With --results elsewhere, the repository's committed records count too."""
     from tpcrepro import paths
 
     committed = paths.ROOT / "results" / "records"
@@ -249,15 +244,27 @@ def measured_seconds(jobs: list[Job], cores: Optional[int] = None, limit: Option
     newest: dict = {}
     for r in found:
         if r.status == "done" and r.duration_s is not None:
-            key = (r.recipe, r.profile, r.kind)
-            if key not in newest or r.started_at > newest[key].started_at:
-                newest[key] = r
+            for key in ((r.recipe, r.profile, r.kind), (r.recipe, r.profile, r.kind, r.seed)):
+                if key not in newest or r.started_at > newest[key].started_at:
+                    newest[key] = r
     unknown = list(dict.fromkeys(j.recipe.id for j in jobs if (j.recipe.id, j.recipe.profile, j.kind) not in newest))
 
     def took(j: Job) -> float:
-        rec = newest.get((j.recipe.id, j.recipe.profile, j.kind))
+        key = (j.recipe.id, j.recipe.profile, j.kind)
+        rec = newest.get((*key, j.seed)) or newest.get(key)
         return rec.duration_s if rec is not None else 0.0
 
+    return took, unknown
+
+
+def measured_seconds(jobs: list[Job], cores: Optional[int] = None, limit: Optional[int] = None) -> tuple[float, list[str]]:
+    """What `jobs` took when last run here (`recorded_durations`).
+
+    cores: the wall clock of `run --jobs limit` on that many cores (the pool's rules, simulated); None: one after
+    another.
+    Returns (seconds, recipes never run). On the machine that made the records this is the cost of a fresh run.
+    """
+    took, unknown = recorded_durations(jobs)
     if cores is None:
         return sum(map(took, jobs)), unknown
     return pool.makespan(jobs, took, cores, limit), unknown
@@ -289,7 +296,7 @@ def run(jobs: list[Job], launch: Launch, force: bool = False, dry_run: bool = Fa
         ordered = [j for j in jobs if id(j) in todo]
         log(f"{len(ordered)} job(s), up to {at_once} at once on {pool.machine_cores()} core(s)")
         got = pool.run_pool(ordered, lambda j: list(invocation(j, launch, todo[id(j)][1]).args),
-                            pool.machine_cores(), at_once, keep_going)
+                            pool.machine_cores(), at_once, keep_going, recorded_durations(ordered)[0])
         counts["done"], counts["failed"] = got["done"], got["failed"]
         return counts
     for i, job in enumerate(jobs, 1):
