@@ -60,6 +60,9 @@ def test_a_table_runs_end_to_end_resumes_and_reports_deterministically(fixture_p
     assert "0 run, 4 already done" in again.output
     assert runner.invoke(app, ["report", "fixture"]).exit_code == 0
     assert report.read_text() == text  # the same records give the same bytes
+    speed_md = fixture_project / "results" / "tables" / "fixture_speed_smoke.md"
+    speed_md.unlink()  # the speed grid is rendered from its records too
+    assert runner.invoke(app, ["report", "fixture"]).exit_code == 0 and speed_md.read_text() == grid
     dry = runner.invoke(app, ["run", "fixture", "--seeds", "0,1", "--dry-run"])
     assert "fx/vit --kind train --seed 1" in dry.output and "min by the records' durations" in dry.output
 

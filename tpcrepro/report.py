@@ -193,6 +193,15 @@ def write_all(out_dir: Optional[Path] = None, table_ids: Optional[list[str]] = N
         path = out_dir / f"{tid}.md"
         records.atomic_write_text(path, render(tables.load_table(tid), latest))
         written.append(path)
+    from tpcrepro import speedtable
+
+    for tid in table_ids or tables.list_tables():  # the speed grids, where a side-by-side comparison is recorded
+        for profile in ("smoke", "paper"):
+            text = speedtable.from_records(tid, profile, latest)
+            if text is not None:
+                path = out_dir / f"{tid}_speed_{profile}.md"
+                records.atomic_write_text(path, text)
+                written.append(path)
     if not table_ids:
         from tpcrepro import claims
 

@@ -174,7 +174,11 @@ def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] 
 
 def markdown(rows: list[dict], device_name: str) -> str:
     """The whole grid: images/s and the ratio to the baseline, per model and setting."""
-    names = list(rows[0]["grid"])
+    def order(name: str) -> tuple:  # the grid's order: eager before compiled, bf16 before fp32, large batch first
+        precision, _, batch, mode = name.split()
+        return mode == "compiled", precision, -int(batch)
+
+    names = sorted(rows[0]["grid"], key=order)
     head = "| Model | Source | " + " | ".join(names) + " |"
     lines = [f"Measured side by side on {device_name} (images/s, and × the baseline in the same comparison).", "",
              head, "|" + "---|" * (len(names) + 2)]
@@ -182,6 +186,29 @@ def markdown(rows: list[dict], device_name: str) -> str:
         cells = [f"{r['grid'][n]['images_per_sec']:.0f} ({r['grid'][n]['ratio']:.2f}×)" for n in names]
         lines.append(f"| {r['label']} | {r['source']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def from_records(table_id: str, profile: str, latest: Optional[records.Latest] = None) -> Optional[str]:
+    """The grid as `measure` wrote it, rebuilt from the newest side-by-side records of the table's models (current
+    recipe versions, all of one comparison: one device, one start), or None where they are not all there."""
+    try:
+        items, _ = entries(table_id, profile)
+    except UserError:
+        return None
+    latest = latest or records.newest()
+    found = [latest.current_record(e.recipe, "throughput", 0) for e in items]
+    if any(rec is None or stale or "side by side" not in rec.settings.get("protocol", "") for rec, stale in found):
+        return None
+    recs = [rec for rec, _ in found]
+    if len({(r.started_at, r.environment.get("device_name")) for r in recs}) != 1:
+        return None  # rows of different comparisons: their ratios are not against one baseline measurement
+    rows = [{"label": e.label, "source": r.settings.get("source", ""), "grid": r.metrics["grid"]}
+            for e, r in zip(items, recs)]
+    env = recs[0].environment
+    return (f"# {table_id}: speed by one protocol ({profile} profile)\n\n"
+            + markdown(rows, env.get("device_name", "?"))
+            + f"\nRecords: `results/records/*__throughput__*`, started {recs[0].started_at}, "
+              f"git {env.get('git_commit', '?')}.\n")
 
 
 def is_done(table_id: str, profile: str) -> bool:
@@ -198,8 +225,11 @@ def measure(table_id: str, profile: str, device: Optional[str] = None) -> Path:
     from tpcrepro import paths
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = run(table_id, profile, device)
+    run(table_id, profile, device)
     path = paths.results_dir() / "tables" / f"{table_id}_speed_{profile}.md"
-    records.atomic_write_text(path, f"# {table_id}: speed by one protocol ({profile} profile)\n\n"
-                              + markdown(rows, records.device_name(device)))
+    text = from_records(table_id, profile)
+    if text is None:
+        raise UserError(f"{table_id}: the speed records just written are not all found under {paths.results_dir()}; "
+                        "check $TPCREPRO_RESULTS")
+    records.atomic_write_text(path, text)
     return path
