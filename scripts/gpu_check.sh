@@ -91,7 +91,7 @@ for split, n in (("train", per_class), ("val", 2 if quick else 16)):
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
 print(root)
-sets = (["model.img_size=32", "train.epochs=1", "train.batch_size=4", "data.workers=0", "eval.batch_size=4"] if quick
+sets = (["model.img_size=32", "train.epochs=1", "train.warmup_epochs=0", "train.batch_size=4", "data.workers=0", "eval.batch_size=4"] if quick
         else ["train.epochs=30", "train.batch_size=128", "data.workers=12"])
 cmd = [sys.executable, "-m", "tpcrepro", "job", "deit/tpc_deit_s", "--data", str(root), "--device", os.environ["DEVICE"],
        "--set", "model.pretrained=null", "--set", "model.num_classes=2", "--set", "data.aug.repeated_aug=false",

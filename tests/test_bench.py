@@ -188,3 +188,19 @@ def test_compare_walks_the_batches_in_turn():
     p = speed.Protocol(batch_size=2, precision="fp32", warmup=0, steps=4, repeats=2, device="cpu")
     speed.compare({"a": Spy()}, (3,), p, inputs=xs)
     assert seen == [0, 1, 2] + [0, 1, 2, 0] * 2  # a warm-up pass over every batch, then each repeat from the first
+
+
+def test_the_trained_smoke_goal_is_judged_per_batch_size():
+    from types import SimpleNamespace
+
+    def rec(batch, lo, hi):
+        metrics = {"mode": "real controller", "run": "smoke/tpc", "target_macs": None, "kappa": None,
+                   "batch_size": batch, "macs": 1.6e7, "macs_ratio": 1.9, "removed_ratio": (lo + hi) / 2,
+                   "removed_ratio_ci": [lo, hi], "removed_ratio_ci_level": 0.97, "replayed_ratio": 1.1}
+        settings = {"precision": "fp32", "device_name": "CPU (2 cores, 2 threads)", "threads": 2}
+        return SimpleNamespace(profile="bench", recipe="bench/tpc_vit_smoke", metrics=metrics, settings=settings,
+                               started_at="2026-01-01T00:00:00")
+
+    text = benchreal.markdown([rec(1, 0.92, 0.96), rec(32, 1.19, 1.23)])
+    assert "not slower than its dense backbone, batch 1: smoke/tpc: 0.94× [0.92, 0.96]" in text
+    assert text.count("**does not hold**") == 1 and text.count("**holds**") == 1
