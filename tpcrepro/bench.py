@@ -9,6 +9,7 @@ the masked form, in one run. Records from here say `benchmark_mode`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Optional
 
@@ -179,17 +180,27 @@ def varlen_efficiency(p: speed.Protocol, lo: int = 60, hi: int = 179, buckets: t
 
 # ---------------------------------------------------------------- the real controller
 
+@contextmanager
+def attributes(model: torch.nn.Module, **values):
+    """The model's attributes set to `values` inside the block, restored after it."""
+    was = {k: getattr(model, k) for k in values}
+    try:
+        for k, v in values.items():
+            setattr(model, k, v)
+        yield model
+    finally:
+        for k, v in was.items():
+            setattr(model, k, v)
+
+
 def run_form(model: torch.nn.Module, x: torch.Tensor, form: str) -> dict:
     """A TPC model's `removed` or `masked` forward -> {"logits", "stats"} with each image's MACs in stats["macs"]."""
     fn = getattr(model, f"forward_{form}", None)
     if fn is not None:
         out = fn(x)
     else:  # TPC-Swin: the form is a switch of its forward
-        was, model.inference = model.inference, form
-        try:
+        with attributes(model, inference=form):
             out = api.stats_forward(model, x)
-        finally:
-            model.inference = was
     stats = out["stats"]
     if "macs" not in stats:
         stats["macs"] = model.per_image_macs(stats)
@@ -261,24 +272,12 @@ class Form(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The logits as a user's forward gives them (no MACs computed beside them: that is not inference)."""
-        was = {k: getattr(self.model, k) for k in (*self.overrides, "inference")}
-        try:
-            for k, v in {**self.overrides, "inference": self.form}.items():
-                setattr(self.model, k, v)
+        with attributes(self.model, **self.overrides, inference=self.form):
             return self.model(x)
-        finally:
-            for k, v in was.items():
-                setattr(self.model, k, v)
 
     def run(self, x: torch.Tensor) -> dict:
-        was = {k: getattr(self.model, k) for k in self.overrides}
-        try:
-            for k, v in self.overrides.items():
-                setattr(self.model, k, v)
+        with attributes(self.model, **self.overrides):
             return run_form(self.model, x, self.form)
-        finally:
-            for k, v in was.items():
-                setattr(self.model, k, v)
 
 
 # the published settings of the token-reduction peers timed beside TPC, per backbone: EViT keep 0.7, ToMe r 13

@@ -60,9 +60,8 @@ def validation_clusters(recipe) -> Optional[np.ndarray]:
 
 
 def same_clusters(rows: list[Runs]) -> bool:
-    first = rows[0].clusters
-    return all((r.clusters is None and first is None) or (r.clusters is not None and first is not None
-                                                          and np.array_equal(r.clusters, first)) for r in rows)
+    """Whether the rows' validation images fall into the same clusters (None, each image its own, equals only None)."""
+    return all(np.array_equal(r.clusters, rows[0].clusters) for r in rows)
 
 
 def runs(recipe_id: str, latest: dict) -> tuple[Optional[Runs], str]:

@@ -108,13 +108,13 @@ def timed_inputs(recipe: Recipe, batch: int) -> Optional[list[torch.Tensor]]:
     """What a setting is timed on: on an embedded data set (smoke) its validation images, max(64, 4·batch) of
     them in batches, which every repeat walks through (a trained controller decides on what it sees: on noise
     it halts and pauses as it never does on its data); elsewhere None (random images: no data set is needed)."""
-    from tpcrepro.benchreal import val_images
+    from tpcrepro.benchreal import timed_batches
     from tpcrepro.data import EMBEDDED
 
     if recipe.data.dataset not in EMBEDDED:
         return None
-    x = val_images(recipe.id, max(64, 4 * batch))
-    return list(x[: len(x) // batch * batch].split(batch))
+    m = recipe.model
+    return timed_batches(batch, recipe.id, (m.in_chans, m.img_size, m.img_size))
 
 
 def run(table_id: str = "table4", profile: str = "paper", device: Optional[str] = None, full: bool = True,

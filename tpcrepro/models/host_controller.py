@@ -81,7 +81,7 @@ def decide(state: HostState, t: np.ndarray | None, computed: np.ndarray, n_compu
     w = np.empty(state.R.shape, np.float32)
     halt = np.empty(state.R.shape, np.bool_)
     step(np.ascontiguousarray(t, dtype=np.float32), state.R, state.halted, state.pause_left, computed,
-         n_computed.astype(np.int64), prefix, *_consts(cfg), w, halt)
+         np.asarray(n_computed, np.int64), prefix, *_consts(cfg), w, halt)
     return w, halt
 
 

@@ -385,15 +385,15 @@ class TPCVisionTransformer(VisionTransformer):
         """{"features", "logits", "stats"} of the removed form (arguments as forward_masked's).
 
         The controller runs on the host (host_controller: numpy, the masked form's values bit for bit): per layer
-        the device sends the gate channels' sigmoids and receives the halting weights of the output tokens and
-        the gather indices. Only the computed tokens are queries, only the available ones keys and values
+        the device sends the gate channels and receives the halting weights of the output tokens and the gather
+        indices. Only the computed tokens are queries, only the available ones keys and values
         (`layer_packed_`); an image whose CLS has halted leaves the batch with its output final."""
         x = self._embed(x, box).contiguous()
         bsz, n, c = x.shape
         dev, cfg, depth = x.device, self.tpc, len(self.blocks)
         st = hc.HostState.start(bsz, n)
         out = hc.OutputSum(bsz, self._n_out(n), x)  # the outputs of the tokens the prediction reads
-        counts = np.zeros((bsz, depth, 5), np.int64)  # n_q, n_kv, paused, halted, restarted per image and layer
+        counts = np.zeros((bsz, depth, len(STAT_KEYS)), np.int64)  # per image and layer, in STAT_KEYS' order
         overhead = group_overhead(self.group_overhead_macs, dev)
         for i, blk in enumerate(self.blocks):
             last = i == depth - 1
@@ -402,11 +402,7 @@ class TPCVisionTransformer(VisionTransformer):
             t = None if last else ctl.gate_channels(x, cfg).float().cpu().numpy()
             w, halt = hc.decide(st, t, plan.computed, plan.nq, last, self.num_prefix_tokens, cfg)  # CLS never pauses
             rows = st.images
-            layer = np.stack((plan.nq, plan.nkv, plan.paused, halt.sum(1), plan.restarted), 1)
-            if len(rows) == bsz:
-                counts[:, i] = layer
-            else:
-                counts[rows, i] = layer
+            counts[rows, i] = np.stack((plan.nq, plan.nkv, plan.paused, halt.sum(1), plan.restarted), 1)
             ended = st.halted[:, 0] if not last else np.ones(len(rows), bool)
             any_ended = last or bool(ended.any())
             if any_ended and (last or self.all_token_outputs):  # their tokens not yet halted end here too
@@ -421,7 +417,7 @@ class TPCVisionTransformer(VisionTransformer):
                 out.keep(keep)
         final = out.result()
         table = torch.from_numpy(counts).to(dev)
-        stats = {key: table[..., j] for j, key in enumerate(("n_q", "n_kv", "paused", "halted", "restarted"))}
+        stats = {key: table[..., j] for j, key in enumerate(STAT_KEYS)}
         return {**self._outputs(final, box, token_labels), "stats": stats}
 
     # -- the model's interface
