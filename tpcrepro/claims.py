@@ -265,10 +265,10 @@ def budget_rows() -> list[dict]:
                      "Target": f"≤ {limit:.0f} min" if limit is not None else "none (beyond the paper; counts in `all`)",
                      "Measured": measured, "Met": met})
         if target == README_MAIN[0]:
-            about = README_MAIN[1]
+            about, most = README_MAIN[1], 1.1 * README_MAIN[1]
             rows.append({"What": f"README's main command (`run {target}` above, its set-up aside)",
-                         "Target": f"about {about:.0f} min (≤ {1.1 * about:.0f})", "Measured": measured,
-                         "Met": "—" if unknown else ("yes" if secs / 60 <= 1.1 * about else "**no**")})
+                         "Target": f"about {about:.0f} min (≤ {most:.0f})", "Measured": measured,
+                         "Met": "—" if unknown else ("yes" if secs / 60 <= most else "**no**")})
     return rows
 
 
